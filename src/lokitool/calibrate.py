@@ -1,0 +1,93 @@
+"""`lokitool calibrate`: model + text -> streamed key statistics -> PCA -> calibration file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import __version__, pca
+from .calibration import Calibration
+from .collect import KINDS, Statistics, collect_statistics
+from .config import CalibrateConfig
+from .data import Windows, resolve_dataset_spec, token_windows
+from .errors import UserError
+from .fileio import check_output_file
+from .models import LoadedModel, ModelFacts, load_model
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    calibration: Calibration
+    seconds: float
+
+
+def load_windows(loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens: int, bos: bool, purpose: str) -> Windows:
+    facts = loaded.facts
+    if facts.max_positions is not None and seq_len > facts.max_positions:
+        raise UserError(f"--seq-len {seq_len} is longer than {facts.model_id} allows ({facts.max_positions}); lower it")
+    return token_windows(
+        loaded.tokenizer,
+        resolve_dataset_spec(dataset, purpose),
+        seq_len=seq_len,
+        num_tokens=num_tokens,
+        bos_token_id=facts.bos_token_id,
+        add_bos=bos,
+    )
+
+
+def build_calibration(stats: Statistics, facts: ModelFacts, info: dict) -> Calibration:
+    fitted = {kind: pca.fit(stats.keys[kind]) for kind in KINDS}
+    moments = {}
+    for kind, sums in stats.queries.items():
+        n = sums.count.clamp_min(1)[..., None, None]
+        moments[kind] = (sums.outer / n).cpu()
+    return Calibration(facts=facts, info=info, pca=fitted, query_moment=moments)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"lokitool": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def run(config: CalibrateConfig, progress: Callable[[int, int], None] | None = None) -> CalibrationRun:
+    """Calibrate and write `config.output`. `progress(done_tokens, total_tokens)` is called per batch."""
+    import time
+
+    check_output_file(config.output)
+    loaded = load_model(config.model, config.device, config.dtype)
+    windows = load_windows(
+        loaded, config.dataset, seq_len=config.seq_len, num_tokens=config.num_tokens, bos=config.bos, purpose="calibrate"
+    )
+    total = windows.num_tokens
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    start = time.perf_counter()
+    stats = collect_statistics(
+        loaded.model, loaded.facts, windows.tokens, batch_size=config.batch_size, with_queries=config.queries, progress=step
+    )
+    seconds = time.perf_counter() - start
+    device = next(loaded.model.parameters()).device
+    info = {
+        "dataset": windows.dataset,
+        "num_tokens": total,
+        "num_windows": windows.tokens.shape[0],
+        "seq_len": windows.seq_len,
+        "bos": windows.bos,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    calibration = build_calibration(stats, loaded.facts, info)
+    calibration.save(config.output)
+    return CalibrationRun(calibration=calibration, seconds=seconds)

@@ -1,0 +1,126 @@
+"""The `lokitool` command line. Thin: parse flags, build a config, call the library, show results.
+
+Errors a user can cause print one line and exit with status 2; LOKITOOL_DEBUG=1 shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Study and use low-rank key structure in LLM attention (Loki, arXiv 2406.02542).",
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Study and use low-rank key structure in LLM attention (Loki, arXiv 2406.02542)."""
+
+out = Console()
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("default", help="`default` (embedded SmolLM2-135M), hub id[@revision], model folder or .gguf file."),
+    dataset: str = typer.Option("default", help="`default` (older State of the Union speeches), .txt/.jsonl file, folder, sotu:SPLIT, or hub name:config:split."),
+    num_tokens: int = typer.Option(131072, help="Tokens to calibrate on, in all."),
+    seq_len: int = typer.Option(1024, help="Window length in tokens."),
+    output: Path = typer.Option(Path("calibration.safetensors"), help="Calibration file to write (atomically)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with the BOS token."),
+    queries: bool = typer.Option(True, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
+) -> None:
+    """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
+    import time
+
+    from . import calibrate as calib
+    from .config import CalibrateConfig
+    from .pca import rank_at_variance
+
+    config = CalibrateConfig(
+        model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
+        batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries,
+    )
+    with _progress() as bar:
+        task = bar.add_task("calibrating", total=None, rate="")
+        start = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
+
+        console.print(f"loading model {model} ...")
+        result = calib.run(config, progress)
+
+    cal = result.calibration
+    table = Table(title=f"rank at 90% explained variance (of {cal.facts.head_dim}), mean over KV heads")
+    table.add_column("layer", justify="right")
+    table.add_column("pre-RoPE", justify="right")
+    table.add_column("post-RoPE", justify="right")
+    pre = rank_at_variance(cal.pca["pre"].eigenvalues, 0.9).double().mean(-1)
+    post = rank_at_variance(cal.pca["post"].eigenvalues, 0.9).double().mean(-1)
+    for i in range(cal.facts.num_layers):
+        table.add_row(str(i), f"{pre[i]:.1f}", f"{post[i]:.1f}")
+    table.add_row("mean", f"{pre.mean():.1f}", f"{post.mean():.1f}", style="bold")
+    out.print(table)
+    out.print(
+        f"{cal.info['num_tokens']:,} tokens in {result.seconds:.1f} s "
+        f"({cal.info['num_tokens'] / result.seconds:,.0f} tok/s); wrote {output}"
+    )
+
+
+def _register_optional_commands() -> None:
+    """Commands living in their own modules; each registers itself on `app`."""
+    for name in ("cli_report", "cli_eval", "cli_bench"):
+        try:
+            __import__(f"{__package__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{name}":
+                raise
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    _register_optional_commands()
+    try:
+        app(args=argv)
+    except UserError as err:
+        if os.environ.get("LOKITOOL_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; no output was written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

