@@ -19,6 +19,15 @@ from .models import LoadedModel, ModelFacts, load_model
 
 
 @dataclass(frozen=True)
+class CalibrationJob:
+    """Everything checked and loaded before the long part starts."""
+
+    config: CalibrateConfig
+    loaded: LoadedModel
+    windows: Windows
+
+
+@dataclass(frozen=True)
 class CalibrationRun:
     calibration: Calibration
     seconds: float
@@ -53,15 +62,21 @@ def versions() -> dict[str, str]:
     return {"lokitool": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def run(config: CalibrateConfig, progress: Callable[[int, int], None] | None = None) -> CalibrationRun:
-    """Calibrate and write `config.output`. `progress(done_tokens, total_tokens)` is called per batch."""
-    import time
-
+def prepare(config: CalibrateConfig) -> CalibrationJob:
+    """Check the output path, load the model and tokenize the text: every input error surfaces here."""
     check_output_file(config.output)
     loaded = load_model(config.model, config.device, config.dtype)
     windows = load_windows(
         loaded, config.dataset, seq_len=config.seq_len, num_tokens=config.num_tokens, bos=config.bos, purpose="calibrate"
     )
+    return CalibrationJob(config=config, loaded=loaded, windows=windows)
+
+
+def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None) -> CalibrationRun:
+    """Calibrate and write the output file. `progress(done_tokens, total_tokens)` is called per batch."""
+    import time
+
+    config, loaded, windows = job.config, job.loaded, job.windows
     total = windows.num_tokens
     done = 0
 

@@ -70,16 +70,17 @@ def calibrate(
         model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
         batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries,
     )
+    with console.status(f"loading {model} and {dataset} text"):
+        job = calib.prepare(config)
     with _progress() as bar:
-        task = bar.add_task("calibrating", total=None, rate="")
+        task = bar.add_task("calibrating", total=job.windows.num_tokens, rate="")
         start = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
 
-        console.print(f"loading model {model} ...")
-        result = calib.run(config, progress)
+        result = calib.run(job, progress)
 
     cal = result.calibration
     table = Table(title=f"rank at 90% explained variance (of {cal.facts.head_dim}), mean over KV heads")

@@ -1,0 +1,26 @@
+"""`lokitool rank-report`: flags in, `report.run`, tables out. The numbers and files live in report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+from .cli import app, out
+
+
+@app.command("rank-report")
+def rank_report(
+    calibrations: List[Path] = typer.Argument(..., help="Calibration files from `lokitool calibrate`, all of one model."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Folder for report.md, report.json and the PNG figures (created if missing)."),
+    variance: str = typer.Option("0.8,0.9,0.95", help="Explained-variance thresholds: comma-separated fractions in (0, 1]."),
+) -> None:
+    """Rank at explained-variance thresholds per layer and KV head, pre/post RoPE; with several files, how well their subspaces agree."""
+    from . import report
+
+    result, written = report.run(calibrations, output_dir, variance)
+    for table in report.terminal_tables(result):
+        out.print(table)
+    figures = sum(path.suffix == ".png" for path in written)
+    out.print(f"wrote {output_dir / 'report.md'}, {output_dir / 'report.json'} and {figures} figures")
