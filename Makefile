@@ -28,7 +28,17 @@ demo: install
 	@echo "calibration: $(DEMO)/calibration.safetensors"
 
 test: install
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
+
+# `make report-example`: calibrate the embedded default on the older speeches and on the held-out
+# newer ones, then rank-report both into reports/rank-report/ (~4 min per calibration on CPU).
+REPORT_TOKENS ?= 65536
+REPORT_RUNS := $(RUNS)/report
+
+report-example: install
+	$(VENV)/bin/lokitool calibrate --dataset sotu:calibration --num-tokens $(REPORT_TOKENS) --seq-len 1024 --output $(REPORT_RUNS)/older.safetensors
+	$(VENV)/bin/lokitool calibrate --dataset sotu:heldout --num-tokens $(REPORT_TOKENS) --seq-len 1024 --output $(REPORT_RUNS)/newer.safetensors
+	$(VENV)/bin/lokitool rank-report $(REPORT_RUNS)/older.safetensors $(REPORT_RUNS)/newer.safetensors --output-dir reports/rank-report

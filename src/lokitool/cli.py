@@ -29,7 +29,7 @@ console = Console(stderr=True)
 def _root() -> None:
     """Study and use low-rank key structure in LLM attention (Loki, arXiv 2406.02542)."""
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs
 
 
 def _progress():

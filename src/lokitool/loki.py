@@ -95,19 +95,20 @@ def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def select(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor, sink: int = 0) -> torch.Tensor:
-    """Keep, per row, the `budgets[row]` causal keys with the largest scores; the first `sink`
-    keys first. scores [B, H, b, Sk], positions/budgets [b] -> keep mask [B, H, b, Sk] (bool)."""
-    visible = causal_mask(positions, scores.shape[-1])  # [b, Sk]
-    scores = scores.masked_fill(~visible, NEG_INF)
-    if sink > 0:
-        scores = scores.clone()
-        scores[..., :sink] = torch.where(visible[:, :sink], math.inf, NEG_INF)
-    kmax = int(budgets.max())
+    """Keep, per row, the `budgets[row]` causal keys with the largest scores, the first `sink` keys
+    (earliest first) always among them. scores [B, H, b, Sk], positions/budgets [b] -> keep [B, H, b, Sk]."""
+    num_keys = scores.shape[-1]
+    visible = causal_mask(positions, num_keys)  # [b, Sk]
+    keys = torch.arange(num_keys, device=scores.device)
+    sinks = visible & (keys[None, :] < torch.clamp(budgets, max=sink)[:, None])  # [b, Sk]
+    rest = budgets - sinks.sum(-1)  # budget left for scored keys
+    scores = scores.masked_fill(~visible | sinks, NEG_INF)
+    kmax = int(rest.max())
     top = scores.topk(kmax, dim=-1).indices  # [B, H, b, kmax], best first
-    rank_ok = torch.arange(kmax, device=scores.device)[None, :] < budgets[:, None]  # [b, kmax]
+    rank_ok = torch.arange(kmax, device=scores.device)[None, :] < rest[:, None]  # [b, kmax]
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep.scatter_(-1, top, rank_ok.expand_as(top))
-    return keep & visible
+    return (keep & visible) | sinks
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""Sparse attention inside a transformers model: Loki and the baselines, per layer.
+
+`patched(model, facts, method)` routes every attention layer of the model to the reference in
+`loki.py` for the duration of a `with` block (through transformers' AttentionInterface; see
+`dispatch.py`). Queries and keys arrive post-RoPE, as the model's own attention would see them.
+Inputs are assumed causal and unpadded (what `eval --ppl` feeds); the mask argument is unused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import loki
+from .calibration import Calibration
+from .dispatch import route_attention
+from .errors import UserError
+from .models import ModelFacts, attention_modules
+from .pca import rank_at_variance
+
+METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
+LOW_RANK = ("loki", "random-basis")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One point of an evaluation: a method and its budgets."""
+
+    method: str
+    kf: float | None = None  # token budget fraction (not for `full`)
+    df: float | None = None  # dimension budget fraction (low-rank methods); or
+    variance: float | None = None  # ... a per-layer d from this explained-variance threshold
+    basis: str | None = None  # pre | post (loki)
+    budget: loki.Budget = "per-row"
+    sink: int = 0
+    group: loki.Group = "head"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        for name in ("kf", "df", "variance"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise UserError(f"--{name} must be in (0, 1], got {value}")
+        if self.method != "full" and self.kf is None:
+            raise UserError(f"method {self.method} needs --kf")
+        if self.method in LOW_RANK and (self.df is None) == (self.variance is None):
+            raise UserError(f"method {self.method} needs exactly one of --df and --variance")
+        if self.budget not in ("per-row", "window"):
+            raise UserError(f"--budget must be per-row or window, got {self.budget!r}")
+        if self.group not in ("head", "kv"):
+            raise UserError(f"--group must be head or kv, got {self.group!r}")
+        if self.sink < 0:
+            raise UserError(f"--sink must be >= 0, got {self.sink}")
+
+
+@dataclass
+class Recorder:
+    """Per-layer selection statistics of one evaluation run."""
+
+    layers: list[loki.SelectionStats] = field(default_factory=list)
+
+    def kept_fraction(self) -> float | None:
+        rows = sum(s.rows for s in self.layers)
+        return sum(s.kept_fraction for s in self.layers) / rows if rows else None
+
+    def jaccard_per_layer(self) -> list[float | None]:
+        return [s.mean_jaccard for s in self.layers]
+
+    def mean_jaccard(self) -> float | None:
+        values = [j for j in self.jaccard_per_layer() if j is not None]
+        return sum(values) / len(values) if values else None
+
+
+def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts) -> list[int]:
+    """d per layer: round(df x D), or the largest rank over KV heads at the variance threshold."""
+    if spec.df is not None:
+        return [loki.dims_for(spec.df, facts.head_dim)] * facts.num_layers
+    assert calibration is not None and spec.variance is not None
+    ranks = rank_at_variance(calibration.pca[spec.basis or "post"].eigenvalues, spec.variance)  # [L, Hkv]
+    return [int(r) for r in ranks.max(dim=-1).values]
+
+
+def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts, seed: int = 0) -> torch.Tensor:
+    """Orthonormal bases [L, Hkv, D, D], directions as columns."""
+    if spec.method == "random-basis":
+        return loki.random_basis(facts.num_layers, facts.num_kv_heads, facts.head_dim, seed).float()
+    if calibration is None:
+        raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+    return calibration.basis(spec.basis or "post").float()
+
+
+def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats):
+    """The attention function of one layer: (q, k, v, scaling) -> [B, H, Sq, D] float32."""
+    common = dict(kf=spec.kf, budget=spec.budget, sink=spec.sink, stats=stats)
+    if spec.method == "h2o":
+        return lambda q, k, v, scaling: loki.h2o_attention(q, k, v, scaling=scaling, **common)
+    if spec.method == "exact-topk":
+        selector = loki.exact_topk_selector()
+    elif spec.method in LOW_RANK:
+        selector = loki.loki_selector(basis, d, name=spec.method)
+    else:
+        selector = loki.full_selector()
+    return lambda q, k, v, scaling: loki.sparse_attention(
+        q, k, v, selector=selector, scaling=scaling, group=spec.group, compare_exact=spec.method in LOW_RANK, **common
+    )
+
+
+@contextlib.contextmanager
+def patched(
+    model: nn.Module, facts: ModelFacts, spec: MethodSpec, calibration: Calibration | None = None
+) -> Iterator[Recorder]:
+    """Run the model's attention through `spec` while the block runs; yields the per-layer stats."""
+    if calibration is not None:
+        calibration.check_model(facts)
+    recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)])
+    low_rank = spec.method in LOW_RANK
+    bases = layer_bases(spec, calibration, facts) if low_rank else None
+    dims = layer_dims(spec, calibration, facts) if low_rank else [None] * facts.num_layers
+    layers = attention_modules(model)
+
+    def make_handler(module: nn.Module):
+        i = layers.index(module)
+        basis = bases[i].to(next(module.parameters()).device) if bases is not None else None
+        attend = _layer_attention(spec, basis, dims[i], recorder.layers[i])
+
+        def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = attend(query, key, value, scale)  # [B, H, Sq, D] float32
+            return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+        return handler
+
+    with route_attention(model, make_handler):
+        yield recorder

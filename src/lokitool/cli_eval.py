@@ -1,0 +1,102 @@
+"""`lokitool eval --ppl`: flags -> EvalConfig -> evaluate -> table + results JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .cli import app, console, out
+from .errors import UserError
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from err
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@app.command("eval")
+def eval_command(
+    ppl: bool = typer.Option(False, "--ppl", help="Measure perplexity (the only evaluation so far)."),
+    model: str = typer.Option("default", help="`default`, hub id[@revision], model folder or .gguf file."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration file from `lokitool calibrate` (needed by loki)."),
+    dataset: str = typer.Option("default", help="`default` = held-out newer State of the Union speeches; or a file/folder/hub spec."),
+    methods: str = typer.Option("full,loki,exact-topk,h2o,random-basis", help="Comma-separated: full, loki, exact-topk, h2o, random-basis."),
+    kf: str = typer.Option("0.25", help="Token budget fraction(s), comma-separated: a sweep."),
+    df: str = typer.Option("0.25", help="Dimension budget fraction(s) for loki / random-basis."),
+    variance: str = typer.Option("", help="Instead of --df: per-layer d from explained-variance threshold(s)."),
+    basis: str = typer.Option("post", help="PCA basis for loki: pre, post, or both (pre,post)."),
+    budget: str = typer.Option("per-row", help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
+    sink: str = typer.Option("0", help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
+    group: str = typer.Option("head", help="Selection per query head (head) or shared per KV head (kv)."),
+    seq_len: int = typer.Option(1024, help="Window length."),
+    num_tokens: int = typer.Option(8192, help="Held-out tokens in all (non-overlapping windows)."),
+    batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    output_path: Path = typer.Option(Path("runs/eval"), help="Directory for results JSON and the sweep plot."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with BOS."),
+) -> None:
+    """Perplexity with full attention, Loki and baselines, on held-out text."""
+    from . import evaluate
+    from .calibrate import load_windows
+    from .calibration import Calibration
+    from .fileio import ensure_writable_dir
+    from .models import load_model
+
+    if not ppl:
+        raise UserError("say what to evaluate: --ppl")
+    try:
+        sinks = tuple(int(x) for x in _words(sink))
+    except ValueError as err:
+        raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
+    config = evaluate.EvalConfig(
+        model=model, calibration=calibration, dataset=dataset, methods=_words(methods),
+        kf=_floats(kf, "--kf"), df=_floats(df, "--df") if not variance else (), variance=_floats(variance, "--variance"),
+        basis=_words(basis), budget=_words(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
+        batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos,
+    )
+    specs = config.specs()  # validates every point before anything slow
+    ensure_writable_dir(output_path)
+    cal = Calibration.load(calibration) if calibration else None
+    with console.status(f"loading {model} and {dataset} text"):
+        loaded = load_model(model, device, dtype)
+        if cal is not None:
+            cal.check_model(loaded.facts, str(calibration))
+        windows = load_windows(loaded, dataset, seq_len=seq_len, num_tokens=num_tokens, bos=bos, purpose="eval")
+        if cal is not None and windows.dataset == cal.info.get("dataset"):
+            console.print(f"[yellow]warning:[/yellow] evaluating on {windows.dataset}, the calibration's own text")
+    console.print(f"{len(specs)} runs over {windows.tokens.shape[0]} windows of {windows.seq_len} tokens ({windows.dataset})")
+
+    def report(r) -> None:
+        console.print(f"  {evaluate._label(r):<32} ppl {r.perplexity:9.3f}  kept {_fmt(r.kept_fraction)}  ({r.seconds:.0f} s)")
+
+    results = evaluate.run(config, loaded, windows.tokens, cal, on_result=report)
+    path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
+
+    full = next((r.perplexity for r in results if r.method == "full"), None)
+    table = Table(title=f"perplexity on {windows.dataset} ({results[0].tokens:,} predicted tokens)")
+    for col in ("method", "kf", "df / v", "basis", "budget", "sink", "perplexity", "vs full", "kept", "jaccard"):
+        table.add_column(col, justify="left" if col in ("method", "basis", "budget") else "right")
+    for r in results:
+        dim = r.df if r.df is not None else r.variance
+        table.add_row(
+            r.method, _fmt(r.kf, "g"), _fmt(dim if r.method in ("loki", "random-basis") else None, "g"),
+            r.basis if r.method == "loki" else "-", r.budget if r.method != "full" else "-",
+            str(r.sink) if r.method != "full" else "-", f"{r.perplexity:.3f}",
+            _fmt(r.perplexity / full if full else None, ".3f"), _fmt(r.kept_fraction), _fmt(r.jaccard),
+        )
+    out.print(table)
+    out.print(f"wrote {path} (and results.json)")

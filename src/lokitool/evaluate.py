@@ -1,0 +1,245 @@
+"""`lokitool eval --ppl`: perplexity of full attention, Loki and baselines on the same held-out windows."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .attention import LOW_RANK, METHODS, MethodSpec, patched
+from .calibration import Calibration
+from .errors import UserError
+from .fileio import atomic_path, ensure_writable_dir, write_json_atomic
+from .models import LoadedModel
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "default"
+    calibration: Path | None = None
+    dataset: str = "default"
+    methods: tuple[str, ...] = ("full", "loki", "exact-topk", "h2o", "random-basis")
+    kf: tuple[float, ...] = (0.25,)
+    df: tuple[float, ...] = (0.25,)
+    variance: tuple[float, ...] = ()
+    basis: tuple[str, ...] = ("post",)
+    budget: tuple[str, ...] = ("per-row",)
+    sink: tuple[int, ...] = (0,)
+    group: str = "head"
+    seq_len: int = 1024
+    num_tokens: int = 8192
+    batch_size: int = 1
+    output_path: Path = Path("runs/eval")
+    device: str = "auto"
+    dtype: str = "auto"
+    bos: bool = True
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in METHODS:
+                raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        for name in ("kf", "df", "variance"):
+            for value in getattr(self, name):
+                if not 0 < value <= 1:
+                    raise UserError(f"--{name} values must be in (0, 1], got {value}")
+        for b in self.basis:
+            if b not in ("pre", "post"):
+                raise UserError(f"--basis must be pre or post, got {b!r}")
+        if any(m != "full" for m in self.methods) and not self.kf:
+            raise UserError("give at least one --kf")
+        if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
+            raise UserError("low-rank methods need --df or --variance")
+        if "loki" in self.methods and self.calibration is None:
+            raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+
+    def specs(self) -> list[MethodSpec]:
+        """Every point of the sweep, `full` first (once)."""
+        out: list[MethodSpec] = []
+        if "full" in self.methods:
+            out.append(MethodSpec("full"))
+        dims = [("df", v) for v in self.df] + [("variance", v) for v in self.variance]
+        for budget in self.budget:
+            for sink in self.sink:
+                for kf in self.kf:
+                    common = dict(kf=kf, budget=budget, sink=sink, group=self.group)
+                    for method in self.methods:
+                        if method == "full":
+                            continue
+                        if method not in LOW_RANK:
+                            out.append(MethodSpec(method, **common))
+                            continue
+                        bases = self.basis if method == "loki" else (None,)
+                        for basis in bases:
+                            for kind, value in dims:
+                                out.append(MethodSpec(method, basis=basis, **{kind: value}, **common))
+        return out
+
+
+@dataclass(frozen=True)
+class Result:
+    method: str
+    kf: float | None
+    df: float | None
+    variance: float | None
+    basis: str | None
+    budget: str | None
+    sink: int | None
+    group: str | None
+    perplexity: float
+    nll: float
+    tokens: int
+    kept_fraction: float | None
+    jaccard: float | None
+    jaccard_per_layer: list[float | None] | None
+    seconds: float
+
+
+@torch.inference_mode()
+def window_nll(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over windows [N, L] and the number of predicted tokens."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        count += targets.numel()
+    return total, count
+
+
+def evaluate_spec(loaded: LoadedModel, tokens: torch.Tensor, spec: MethodSpec, calibration: Calibration | None, batch_size: int) -> Result:
+    import time
+
+    start = time.perf_counter()
+    if spec.method == "full":
+        nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
+        kept, jaccard, per_layer = 1.0, None, None
+    else:
+        with patched(loaded.model, loaded.facts, spec, calibration) as recorder:
+            nll, count = window_nll(loaded.model, tokens, batch_size)
+        kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
+        per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
+    fields = asdict(spec)
+    return Result(
+        **fields,
+        perplexity=math.exp(nll / count),
+        nll=nll / count,
+        tokens=count,
+        kept_fraction=kept,
+        jaccard=jaccard,
+        jaccard_per_layer=per_layer,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _null_unused(result: Result) -> dict:
+    """Fields that do not apply to a method are null."""
+    d = asdict(result)
+    if result.method == "full":
+        for k in ("kf", "df", "variance", "basis", "budget", "sink", "group"):
+            d[k] = None
+    elif result.method not in LOW_RANK:
+        d["df"] = d["variance"] = d["basis"] = None
+    if result.method != "loki":
+        d["basis"] = None
+    return d
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def run(
+    config: EvalConfig,
+    loaded: LoadedModel,
+    tokens: torch.Tensor,
+    calibration: Calibration | None,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    results = []
+    for spec in config.specs():
+        result = evaluate_spec(loaded, tokens, spec, calibration, config.batch_size)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibration | None, dataset: str, results: list[Result]) -> Path:
+    """results_<date>.json (kept) and results.json (the newest), atomically; a sweep plot when several points."""
+    from .calibrate import versions
+
+    out_dir = ensure_writable_dir(config.output_path)
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    document = {
+        "config": {**cfg, "dataset": dataset},
+        "model": loaded.facts.to_dict(),
+        "calibration": {"file": str(config.calibration), **calibration.info} if calibration else None,
+        "versions": versions(),
+        "git_hash": git_hash(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "results": [_null_unused(r) for r in results],
+    }
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dated = out_dir / f"results_{stamp}.json"
+    write_json_atomic(dated, document)
+    write_json_atomic(out_dir / "results.json", document)
+    if len({r.kf for r in results if r.kf is not None}) > 1:
+        plot_sweep(results, out_dir / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
+    return dated
+
+
+def _label(r: Result) -> str:
+    parts = [r.method]
+    if r.basis and r.method == "loki":
+        parts.append(f"{r.basis}")
+    if r.df is not None and r.method in LOW_RANK:
+        parts.append(f"df={r.df:g}")
+    if r.variance is not None:
+        parts.append(f"v={r.variance:g}")
+    if r.budget and r.budget != "per-row":
+        parts.append(r.budget)
+    if r.sink:
+        parts.append(f"sink={r.sink}")
+    return " ".join(parts)
+
+
+def plot_sweep(results: Iterable[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = list(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        if r.kf is not None:
+            lines.setdefault(_label(r), []).append((r.kf, r.perplexity))
+    for label, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    for r in results:
+        if r.method == "full":
+            ax.axhline(r.perplexity, color="black", linestyle="--", label=f"full ({r.perplexity:.2f})")
+    ax.set_xlabel("kf (fraction of causal keys kept)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+

@@ -1,0 +1,234 @@
+"""The Loki reference against brute force and dense attention; the model patch; eval's budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_tokens, tiny_llama
+from lokitool import loki
+from lokitool.attention import MethodSpec, patched
+from lokitool.calibrate import build_calibration
+from lokitool.collect import collect_statistics
+from lokitool.errors import UserError
+
+
+def qkv(b=2, h=6, hkv=2, sq=37, sk=37, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, sq, d, generator=g), torch.randn(b, hkv, sk, d, generator=g), torch.randn(b, hkv, sk, d, generator=g))
+
+
+def dense(q, k, v, scaling):
+    """Plain causal attention with the key offset of a cache."""
+    sq, sk = q.shape[2], k.shape[2]
+    kk, vv = loki.expand_kv(k, q.shape[1]), loki.expand_kv(v, q.shape[1])
+    s = (q @ kk.transpose(-1, -2)) * scaling
+    mask = torch.arange(sk)[None, :] <= (torch.arange(sq)[:, None] + sk - sq)
+    return torch.softmax(s.masked_fill(~mask, -math.inf), -1) @ vv
+
+
+def brute_force(q, k, v, basis, d, kf, scaling, budget="per-row", sink=0):
+    """One row at a time, with explicit Python loops over heads: the obviously-correct version."""
+    b, h, sq, dim = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, h, sq, dim)
+    for bi in range(b):
+        for hi in range(h):
+            kvh = hi // (h // hkv)
+            p = basis[kvh]
+            for i in range(sq):
+                t = i + sk - sq
+                keys = k[bi, kvh, : t + 1]
+                approx = (q[bi, hi, i] @ p)[:d] @ (keys @ p)[:, :d].T
+                if budget == "per-row":
+                    kt = max(1, math.floor(kf * (t + 1)))
+                else:
+                    kt = min(t + 1, max(1, math.floor(kf * sk)))
+                order = [j for j in range(min(sink, t + 1))]
+                rest = [j for j in torch.argsort(approx, descending=True).tolist() if j not in order]
+                kept = (order + rest)[:kt]
+                s = (q[bi, hi, i] @ keys[kept].T) * scaling
+                out[bi, hi, i] = torch.softmax(s, -1) @ v[bi, kvh, kept]
+    return out
+
+
+@pytest.mark.parametrize("budget", ["per-row", "window"])
+@pytest.mark.parametrize("sink", [0, 3])
+@pytest.mark.parametrize("offset", [0, 5])  # 5 cached keys before the queries
+def test_reference_matches_brute_force(budget, sink, offset):
+    q, k, v = qkv(b=2, h=6, hkv=2, sq=23, sk=23 + offset, d=8)
+    basis = loki.random_basis(1, 2, 8, seed=3)[0].float()
+    got = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 3), kf=0.3, scaling=0.35,
+                                budget=budget, sink=sink, block_rows=7)
+    want = brute_force(q, k, v, basis, 3, 0.3, 0.35, budget, sink)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_full_budget_equals_dense_attention():
+    q, k, v = qkv(sq=19, sk=30)
+    want = dense(q, k, v, 0.25)
+    basis = loki.random_basis(1, 2, 16)[0].float()
+    for selector in (loki.loki_selector(basis, 16), loki.exact_topk_selector(), loki.full_selector()):
+        got = loki.sparse_attention(q, k, v, selector=selector, kf=1.0, scaling=0.25)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loki.h2o_attention(q, k, v, kf=1.0, scaling=0.25), want, rtol=1e-5, atol=1e-6)
+
+
+def test_selection_is_causal_and_respects_budgets():
+    scores = torch.randn(2, 3, 40, 40)
+    positions = torch.arange(40)
+    for kf, mode in [(0.25, "per-row"), (0.1, "window"), (0.5, "per-row")]:
+        budgets = loki.budget_per_row(positions, kf, mode, 40)
+        keep = loki.select(scores, positions, budgets, sink=2)
+        assert not bool(keep[..., torch.triu(torch.ones(40, 40, dtype=torch.bool), 1)].any())  # causal
+        assert torch.equal(keep.sum(-1), budgets.expand(2, 3, 40))  # exactly k_t per row
+        roomy = budgets >= 2
+        assert bool(keep[:, :, roomy, :2].all())  # both sinks kept when the budget allows
+        assert bool(keep[:, :, :, 0].all())  # the first token always
+    # per-row budget: floor(kf (t+1)), at least 1; window: min(t+1, floor(kf L))
+    assert loki.budget_per_row(torch.tensor([0, 3, 7]), 0.25, "per-row", 8).tolist() == [1, 1, 2]
+    assert loki.budget_per_row(torch.tensor([0, 3, 7]), 0.25, "window", 8).tolist() == [1, 2, 2]
+
+
+def test_exact_topk_keeps_the_largest_scores():
+    q, k, v = qkv(b=1, h=2, hkv=2, sq=30, sk=30)
+    positions = torch.arange(30)
+    budgets = loki.budget_per_row(positions, 0.3, "per-row", 30)
+    keep = loki.select(loki.exact_scores(q, k), positions, budgets)
+    s = loki.exact_scores(q, k)
+    for i in (5, 17, 29):
+        for h in range(2):
+            row = s[0, h, i, : i + 1]
+            want = set(torch.topk(row, int(budgets[i])).indices.tolist())
+            assert set(torch.nonzero(keep[0, h, i]).flatten().tolist()) == want
+
+
+def test_group_selection_shares_keys_within_a_kv_group():
+    q, k, v = qkv(b=1, h=6, hkv=2, sq=20, sk=20)
+    stats = loki.SelectionStats()
+    basis = loki.random_basis(1, 2, 16)[0].float()
+    captured = {}
+    original = loki.attend
+
+    def spy(q_, k_, v_, keep, scaling):
+        captured["keep"] = keep
+        return original(q_, k_, v_, keep, scaling)
+
+    loki.attend, saved = spy, loki.attend
+    try:
+        loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 4), kf=0.3, scaling=0.25, group="kv", stats=stats, compare_exact=True)
+    finally:
+        loki.attend = saved
+    keep = captured["keep"]
+    assert torch.equal(keep[:, 0], keep[:, 1]) and torch.equal(keep[:, 0], keep[:, 2])
+    assert torch.equal(keep[:, 3], keep[:, 5])
+    assert 0 < stats.mean_jaccard <= 1
+
+
+def test_decode_reference_equals_last_row_of_prefill():
+    q, k, v = qkv(b=1, h=6, hkv=2, sq=1, sk=41)
+    basis = loki.random_basis(1, 2, 16)[0].float()
+    prefill = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 5), kf=0.25, scaling=0.25)
+    q_rot, k_rot = loki.rotate(q, basis)[:, :, 0], loki.rotate(k, basis)
+    decode = loki.decode_attention(q_rot, k_rot, v, torch.tensor([41]), d=5, kf=0.25, scaling=0.25)
+    torch.testing.assert_close(decode, prefill[:, :, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_decode_reference_ragged_lengths_ignore_padding():
+    q_rot, k_rot, v = qkv(b=2, h=4, hkv=2, sq=1, sk=30)
+    q_rot = q_rot[:, :, 0]
+    lengths = torch.tensor([30, 11])
+    keep = loki.decode_select(q_rot, k_rot, lengths, d=4, kf=0.5)
+    assert keep[1, :, 11:].sum() == 0
+    assert keep.sum(-1).tolist() == [[15] * 4, [5] * 4]
+    out_short = loki.decode_attention(q_rot[1:], k_rot[1:, :, :11], v[1:, :, :11], torch.tensor([11]), d=4, kf=0.5, scaling=0.3)
+    out_padded = loki.decode_attention(q_rot, k_rot, v, lengths, d=4, kf=0.5, scaling=0.3)[1:]
+    torch.testing.assert_close(out_padded, out_short)
+
+
+# ----------------------------------------------------------------------------------------------
+# In the model
+
+
+@pytest.fixture(scope="module")
+def tiny_with_calibration():
+    loaded = tiny_llama(num_heads=6, num_kv_heads=2, head_dim=16, num_layers=2)
+    tokens = random_tokens(4, 48, seed=1)
+    stats = collect_statistics(loaded.model, loaded.facts, tokens, batch_size=2, with_queries=False)
+    cal = build_calibration(stats, loaded.facts, {"dataset": "random", "num_tokens": tokens.numel()})
+    return loaded, cal
+
+
+@pytest.mark.parametrize("basis", ["pre", "post"])
+def test_loki_full_budget_reproduces_model_logits(tiny_with_calibration, basis):
+    loaded, cal = tiny_with_calibration
+    tokens = random_tokens(2, 33, seed=5)
+    with torch.no_grad():
+        want = loaded.model(input_ids=tokens).logits
+        for spec in (MethodSpec("loki", kf=1.0, df=1.0, basis=basis), MethodSpec("exact-topk", kf=1.0), MethodSpec("h2o", kf=1.0)):
+            with patched(loaded.model, loaded.facts, spec, cal) as rec:
+                got = loaded.model(input_ids=tokens).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert rec.kept_fraction() == pytest.approx(1.0)
+    assert loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_loki_in_model_equals_reference_on_captured_inputs(tiny_with_calibration):
+    """The patch hands the reference exactly the model's post-RoPE q, k, v and the layer's basis."""
+    loaded, cal = tiny_with_calibration
+    from lokitool.collect import capture
+
+    tokens = random_tokens(1, 40, seed=7)
+    seen = {}
+
+    def sink(vector, kind, layer, x):
+        if kind == "post" and vector == "key":
+            seen[layer] = x
+
+    spec = MethodSpec("loki", kf=0.25, df=0.25, basis="pre")
+    with patched(loaded.model, loaded.facts, spec, cal) as rec, torch.no_grad():
+        sparse_logits = loaded.model(input_ids=tokens).logits
+    with torch.no_grad():
+        dense_logits = loaded.model(input_ids=tokens).logits
+    assert not torch.allclose(sparse_logits, dense_logits, atol=1e-3)  # selection really happened
+    kept = rec.kept_fraction()
+    budgets = loki.budget_per_row(torch.arange(40), 0.25, "per-row", 40).double()
+    assert kept == pytest.approx(float((budgets / torch.arange(1, 41)).mean()), rel=1e-6)
+    assert all(0 <= j <= 1 for j in rec.jaccard_per_layer())
+
+
+def test_method_spec_validation():
+    with pytest.raises(UserError, match="unknown method"):
+        MethodSpec("magic", kf=0.5)
+    with pytest.raises(UserError, match=r"\(0, 1\]"):
+        MethodSpec("loki", kf=1.5, df=0.5)
+    with pytest.raises(UserError, match=r"\(0, 1\]"):
+        MethodSpec("loki", kf=0.5, df=0.0)
+    with pytest.raises(UserError, match="exactly one"):
+        MethodSpec("loki", kf=0.5)
+
+
+def test_calibration_of_another_model_is_refused(tiny_with_calibration):
+    _, cal = tiny_with_calibration
+    other = tiny_llama(num_heads=4, num_kv_heads=4, head_dim=16)
+    with pytest.raises(UserError, match="calibrate this model first"):
+        with patched(other.model, other.facts, MethodSpec("loki", kf=0.5, df=0.5), cal):
+            pass
+
+
+@pytest.mark.embedded
+def test_embedded_loki_full_budget_matches_full_attention(embedded_model, tmp_path):
+    """kf = df = 1 on the real model: Loki's logits equal the model's own attention."""
+    from lokitool.calibrate import load_windows
+
+    windows = load_windows(embedded_model, "default", seq_len=64, num_tokens=128, bos=True, purpose="calibrate")
+    stats = collect_statistics(embedded_model.model, embedded_model.facts, windows.tokens, batch_size=2, with_queries=False)
+    cal = build_calibration(stats, embedded_model.facts, {"dataset": windows.dataset})
+    tokens = windows.tokens[:1]
+    with torch.no_grad():
+        want = embedded_model.model(input_ids=tokens).logits
+        with patched(embedded_model.model, embedded_model.facts, MethodSpec("loki", kf=1.0, df=1.0, basis="post"), cal):
+            got = embedded_model.model(input_ids=tokens).logits
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
