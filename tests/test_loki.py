@@ -9,6 +9,7 @@ import torch
 
 from conftest import random_tokens, tiny_llama
 from lokitool import loki
+from lokitool.bases import random_basis
 from lokitool.attention import MethodSpec, patched
 from lokitool.calibrate import build_calibration
 from lokitool.collect import collect_statistics
@@ -59,7 +60,7 @@ def brute_force(q, k, v, basis, d, kf, scaling, budget="per-row", sink=0):
 @pytest.mark.parametrize("offset", [0, 5])  # 5 cached keys before the queries
 def test_reference_matches_brute_force(budget, sink, offset):
     q, k, v = qkv(b=2, h=6, hkv=2, sq=23, sk=23 + offset, d=8)
-    basis = loki.random_basis(1, 2, 8, seed=3)[0].float()
+    basis = random_basis(1, 2, 8, seed=3)[0].float()
     got = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 3), kf=0.3, scaling=0.35,
                                 budget=budget, sink=sink, block_rows=7)
     want = brute_force(q, k, v, basis, 3, 0.3, 0.35, budget, sink)
@@ -69,7 +70,7 @@ def test_reference_matches_brute_force(budget, sink, offset):
 def test_full_budget_equals_dense_attention():
     q, k, v = qkv(sq=19, sk=30)
     want = dense(q, k, v, 0.25)
-    basis = loki.random_basis(1, 2, 16)[0].float()
+    basis = random_basis(1, 2, 16)[0].float()
     for selector in (loki.loki_selector(basis, 16), loki.exact_topk_selector(), loki.full_selector()):
         got = loki.sparse_attention(q, k, v, selector=selector, kf=1.0, scaling=0.25)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -108,7 +109,7 @@ def test_exact_topk_keeps_the_largest_scores():
 def test_group_selection_shares_keys_within_a_kv_group():
     q, k, v = qkv(b=1, h=6, hkv=2, sq=20, sk=20)
     stats = loki.SelectionStats()
-    basis = loki.random_basis(1, 2, 16)[0].float()
+    basis = random_basis(1, 2, 16)[0].float()
     captured = {}
     original = loki.attend
 
@@ -129,7 +130,7 @@ def test_group_selection_shares_keys_within_a_kv_group():
 
 def test_decode_reference_equals_last_row_of_prefill():
     q, k, v = qkv(b=1, h=6, hkv=2, sq=1, sk=41)
-    basis = loki.random_basis(1, 2, 16)[0].float()
+    basis = random_basis(1, 2, 16)[0].float()
     prefill = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 5), kf=0.25, scaling=0.25)
     q_rot, k_rot = loki.rotate(q, basis)[:, :, 0], loki.rotate(k, basis)
     decode = loki.decode_attention(q_rot, k_rot, v, torch.tensor([41]), d=5, kf=0.25, scaling=0.25)

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import loki
+from . import bases, loki
 from .calibration import Calibration
 from .dispatch import route_attention
 from .errors import UserError
@@ -48,6 +48,8 @@ class MethodSpec:
                 raise UserError(f"--{name} must be in (0, 1], got {value}")
         if self.method != "full" and self.kf is None:
             raise UserError(f"method {self.method} needs --kf")
+        if self.basis is not None and self.basis not in bases.BASES:
+            raise UserError(f"unknown basis {self.basis!r}; choose from {', '.join(bases.BASES)}")
         if self.method in LOW_RANK and (self.df is None) == (self.variance is None):
             raise UserError(f"method {self.method} needs exactly one of --df and --variance")
         if self.budget not in ("per-row", "window"):
@@ -81,17 +83,17 @@ def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFa
     if spec.df is not None:
         return [loki.dims_for(spec.df, facts.head_dim)] * facts.num_layers
     assert calibration is not None and spec.variance is not None
-    ranks = rank_at_variance(calibration.pca[spec.basis or "post"].eigenvalues, spec.variance)  # [L, Hkv]
+    kind = (spec.basis or "post").removeprefix("qa-")
+    ranks = rank_at_variance(calibration.pca[kind].eigenvalues, spec.variance)  # [L, Hkv]
     return [int(r) for r in ranks.max(dim=-1).values]
 
 
-def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts, seed: int = 0) -> torch.Tensor:
-    """Orthonormal bases [L, Hkv, D, D], directions as columns."""
-    if spec.method == "random-basis":
-        return loki.random_basis(facts.num_layers, facts.num_kv_heads, facts.head_dim, seed).float()
-    if calibration is None:
-        raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
-    return calibration.basis(spec.basis or "post").float()
+def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts, dims: list[int]) -> torch.Tensor:
+    """Orthonormal bases [L, Hkv, D, D], directions as columns (a query-aware basis depends on d)."""
+    name = "random" if spec.method == "random-basis" else (spec.basis or "post")
+    shape = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
+    by_d = {d: bases.basis_for(name, calibration, d, shape) for d in sorted(set(dims))}
+    return torch.stack([by_d[d][i] for i, d in enumerate(dims)]).float()
 
 
 def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats):
@@ -119,13 +121,13 @@ def patched(
         calibration.check_model(facts)
     recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)])
     low_rank = spec.method in LOW_RANK
-    bases = layer_bases(spec, calibration, facts) if low_rank else None
     dims = layer_dims(spec, calibration, facts) if low_rank else [None] * facts.num_layers
+    layer_basis = layer_bases(spec, calibration, facts, dims) if low_rank else None
     layers = attention_modules(model)
 
     def make_handler(module: nn.Module):
         i = layers.index(module)
-        basis = bases[i].to(next(module.parameters()).device) if bases is not None else None
+        basis = layer_basis[i].to(next(module.parameters()).device) if layer_basis is not None else None
         attend = _layer_attention(spec, basis, dims[i], recorder.layers[i])
 
         def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 
 from .attention import LOW_RANK, METHODS, MethodSpec, patched
+from .bases import BASES
 from .calibration import Calibration
 from .errors import UserError
 from .fileio import atomic_path, ensure_writable_dir, write_json_atomic
@@ -48,8 +49,8 @@ class EvalConfig:
                 if not 0 < value <= 1:
                     raise UserError(f"--{name} values must be in (0, 1], got {value}")
         for b in self.basis:
-            if b not in ("pre", "post"):
-                raise UserError(f"--basis must be pre or post, got {b!r}")
+            if b not in BASES:
+                raise UserError(f"--basis must be among {', '.join(BASES)}, got {b!r}")
         if any(m != "full" for m in self.methods) and not self.kf:
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):

@@ -151,14 +151,6 @@ def full_selector() -> Selector:
     return Selector("full")
 
 
-def random_basis(num_layers: int, num_kv_heads: int, head_dim: int, seed: int = 0) -> torch.Tensor:
-    """Random orthonormal bases [L, Hkv, D, D] (Haar, by QR of a Gaussian with sign fix)."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(num_layers, num_kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64)
-    qm, r = torch.linalg.qr(a)
-    return qm * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-
-
 # ----------------------------------------------------------------------------------------------
 # The reference over a whole layer
 
