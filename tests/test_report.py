@@ -35,11 +35,15 @@ def facts(num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 8, model_i
 def calibration(eigenvalues: torch.Tensor, components: torch.Tensor, dataset: str = "toy:a", **fact_args) -> Calibration:
     """eigenvalues [L, H, D], components [L, H, D, D] (rows); the same PCA before and after RoPE."""
     num_layers, num_heads, dim = eigenvalues.shape
-    pca = PCA(mean=torch.zeros(num_layers, num_heads, dim), components=components.float(), eigenvalues=eigenvalues.float())
+
+    def pca() -> PCA:  # a copy per kind: safetensors refuses to save tensors that share memory
+        mean = torch.zeros(num_layers, num_heads, dim)
+        return PCA(mean=mean, components=components.float().clone(), eigenvalues=eigenvalues.float().clone())
+
     return Calibration(
         facts=facts(num_layers, num_heads, dim, **fact_args),
         info={"dataset": dataset, "num_tokens": 4096, "seq_len": 512},
-        pca={"pre": pca, "post": pca},
+        pca={"pre": pca(), "post": pca()},
     )
 
 

@@ -258,7 +258,7 @@ def _generated() -> dict[str, Any]:
     }
 
 
-def _rounded(values: torch.Tensor, places: int = 6) -> list:
+def _rounded(values: torch.Tensor, places: int = 6) -> list[float] | float:
     return [round(float(x), places) for x in values.flatten()] if values.dim() else round(float(values), places)
 
 
@@ -370,9 +370,10 @@ def _pct(v: float) -> str:
 # report.md
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """GitHub table: first column left-aligned, the rest (numbers) right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    """GitHub table: the first `text_columns` columns left-aligned, the rest (numbers) right-aligned."""
+    rule = ["---" if i < text_columns else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -385,13 +386,13 @@ def _md_sources(report: RankReport, names: Sequence[str]) -> str:
         rows.append([
             f"`{entry.file}`" if name == entry.file else f"{name} (`{entry.file}`)",
             f"`{_dataset(entry)}`",
-            f"{info.get('num_tokens', '?'):,}" if isinstance(info.get("num_tokens"), int) else "?",
-            str(info.get("seq_len", "?")),
             str(info.get("dtype", "?")),
             str(info.get("date", "?")),
             str(versions.get("lokitool", "?")),
+            f"{info['num_tokens']:,}" if isinstance(info.get("num_tokens"), int) else "?",
+            str(info.get("seq_len", "?")),
         ])
-    return _md_table(["file", "dataset", "tokens", "window", "dtype", "calibrated", "lokitool"], rows)
+    return _md_table(["file", "dataset", "dtype", "calibrated", "lokitool", "tokens", "window"], rows, text_columns=5)
 
 
 def _md_summary(report: RankReport, names: Sequence[str]) -> str:
@@ -405,7 +406,7 @@ def _md_summary(report: RankReport, names: Sequence[str]) -> str:
                 cells.append(f"{r.mean():.1f} ({r.mean() / dim:.0%}), {int(r.min())}-{int(r.max())}")
             rows.append([name, KIND_LABEL[kind], *cells])
     header = ["file", "keys", *(f"rank at {_pct(v)}" for v in report.variance)]
-    return _md_table(header, rows)
+    return _md_table(header, rows, text_columns=2)
 
 
 def _md_layers(report: RankReport, entry: Entry) -> str:
@@ -437,7 +438,7 @@ def _md_comparison_summary(report: RankReport, names: Sequence[str]) -> str:
                 f"{c.own.mean():.3f}",
             ])
     header = ["A (basis)", "B (keys)", "keys", "mean d", "agreement", "captured variance", "own variance"]
-    return _md_table(header, rows)
+    return _md_table(header, rows, text_columns=3)
 
 
 def _md_comparison_layers(report: RankReport, pair: PairComparison) -> str:
@@ -526,7 +527,8 @@ def _colors(n: int) -> list:
 
 
 def plot_rank_per_layer(report: RankReport):
-    """Mean rank over KV heads per layer (band: min-max over heads), pre and post, one panel per threshold."""
+    """Mean rank over KV heads per layer, pre and post, one panel per threshold; for a single file a
+    band shows the min-max over heads (with several files the bands would hide each other)."""
     facts = report.facts
     layers = range(facts.num_layers)
     names = labels(report)
@@ -537,19 +539,21 @@ def plot_rank_per_layer(report: RankReport):
     for ax, v in zip(axes, report.variance):
         for name, entry, color in zip(names, report.entries, colors):
             for kind, style, marker in (("pre", "--", "o"), ("post", "-", "s")):
-                r = entry.ranks[kind][v].double()
+                r = entry.ranks[kind][v].double().numpy()  # [L, H]
                 label = f"{name} ({_dataset(entry)}), {KIND_LABEL[kind]}" if many else KIND_LABEL[kind]
                 shade = color if many else ("tab:blue" if kind == "pre" else "tab:orange")
                 ax.plot(layers, r.mean(-1), style, marker=marker, ms=3.5, color=shade, label=label)
-                ax.fill_between(layers, r.min(-1).values, r.max(-1).values, color=shade, alpha=0.12, lw=0)
+                if not many:
+                    ax.fill_between(layers, r.min(-1), r.max(-1), color=shade, alpha=0.12, lw=0)
         ax.axhline(facts.head_dim, color="0.3", lw=1.2, ls=":")
         ax.text(0, facts.head_dim, f" head dim D = {facts.head_dim}", va="bottom", ha="left", fontsize=9, color="0.3")
         ax.set_title(f"rank at {_pct(v)} explained variance")
         ax.set_xlabel("layer")
         ax.set_ylim(0, facts.head_dim * 1.1)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("rank (mean over KV heads; band: min-max)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("rank, mean over KV heads" + ("" if many else " (band: min-max)"))
+    handles, names_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9)
     fig.suptitle(f"Key rank per layer, pre vs post RoPE - {_title_suffix(report)}", fontsize=11)
     return fig
 
@@ -561,7 +565,7 @@ def plot_heatmap(report: RankReport, entry: Entry):
     fig = _figure(max(7.0, 0.36 * facts.num_layers + 2.2), 2 * (0.42 * facts.num_kv_heads + 1.0) + 0.9)
     axes = fig.subplots(2, 1, sharex=True)
     for ax, kind in zip(axes, KINDS):
-        ranks = entry.ranks[kind][t].T  # [H, L]
+        ranks = entry.ranks[kind][t].T.numpy()  # [H, L]
         image = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=1, vmax=facts.head_dim, interpolation="nearest")
         for h in range(ranks.shape[0]):
             for i in range(ranks.shape[1]):
@@ -596,7 +600,7 @@ def plot_cumulative(report: RankReport, entry: Entry):
     fig = _figure(11, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, kind in zip(axes, KINDS):
-        ratio = explained_variance_ratio(entry.calibration.pca[kind].eigenvalues)  # [L, H, D]
+        ratio = explained_variance_ratio(entry.calibration.pca[kind].eigenvalues).numpy()  # [L, H, D]
         for layer, color in zip(chosen, colors):
             for h in range(facts.num_kv_heads):
                 ax.plot(d, ratio[layer, h], color=color, lw=0.7, alpha=0.45)
@@ -628,7 +632,7 @@ def plot_spectrum(report: RankReport, entry: Entry):
     axes = fig.subplots(1, 2, sharey=True)
     for ax, kind in zip(axes, KINDS):
         values = entry.calibration.pca[kind].eigenvalues.double().mean(1)  # [L, D]
-        values = torch.where(values > 0, values, torch.nan)  # zeros have no place on a log axis
+        values = torch.where(values > 0, values, torch.nan).numpy()  # zeros have no place on a log axis
         for layer in range(facts.num_layers):
             ax.plot(j, values[layer], color=cmap(norm(layer)), lw=1.1)
         ax.set_yscale("log")
@@ -654,17 +658,18 @@ def plot_comparisons(report: RankReport):
         for kind, style in (("pre", "--"), ("post", "-")):
             c = pair.kinds[kind]
             label = f"A={names[pair.a]}, B={names[pair.b]}, {KIND_LABEL[kind]}"
-            axes[0].plot(layers, c.agreement.mean(-1), style, marker=".", color=color, label=label)
-            axes[1].plot(layers, c.captured.mean(-1), style, marker=".", color=color, label=label)
-            axes[1].plot(layers, c.own.mean(-1), style, color=color, lw=0.8, alpha=0.5)
+            axes[0].plot(layers, c.agreement.mean(-1).numpy(), style, marker=".", color=color, label=label)
+            axes[1].plot(layers, c.captured.mean(-1).numpy(), style, marker=".", color=color, label=label)
+            axes[1].plot(layers, c.own.mean(-1).numpy(), style, color=color, lw=0.8, alpha=0.5)
     axes[0].set_title("subspace agreement (mean cos² of principal angles)")
     axes[1].set_title("share of B's key variance in A's top-d subspace\n(faint: B's own top-d, the ceiling)")
     for ax in axes:
         ax.set_xlabel("layer")
-        ax.set_ylim(top=1.005)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 1.005))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"mean over KV heads, d = A's rank at {_pct(report.threshold)}")
-    axes[0].legend(fontsize=8, loc="lower left")
+    handles, names_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="outside lower center", ncols=2, fontsize=9)
     fig.suptitle(f"Do the key subspaces carry over? - {_title_suffix(report)}", fontsize=10)
     return fig
 
