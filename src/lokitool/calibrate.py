@@ -12,6 +12,7 @@ from . import __version__, pca
 from .calibration import Calibration
 from .collect import KINDS, Statistics, collect_statistics
 from .config import CalibrateConfig
+from .distributed import World, all_reduce_, barrier, shard
 from .data import Windows, resolve_dataset_spec, token_windows
 from .errors import UserError
 from .fileio import check_output_file
@@ -65,15 +66,17 @@ def versions() -> dict[str, str]:
 def prepare(config: CalibrateConfig) -> CalibrationJob:
     """Check the output path, load the model and tokenize the text: every input error surfaces here."""
     check_output_file(config.output)
-    loaded = load_model(config.model, config.device, config.dtype)
+    loaded = load_model(config.model, config.device, config.dtype, device_map=config.device_map)
     windows = load_windows(
         loaded, config.dataset, seq_len=config.seq_len, num_tokens=config.num_tokens, bos=config.bos, purpose="calibrate"
     )
     return CalibrationJob(config=config, loaded=loaded, windows=windows)
 
 
-def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None) -> CalibrationRun:
-    """Calibrate and write the output file. `progress(done_tokens, total_tokens)` is called per batch."""
+def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None, world: World = World()) -> CalibrationRun:
+    """Calibrate and write the output file (rank 0 only, after the sums of all ranks are reduced).
+
+    `progress(done_tokens, total_tokens)` is called per batch, with this rank's count scaled to the world."""
     import time
 
     config, loaded, windows = job.config, job.loaded, job.windows
@@ -84,12 +87,14 @@ def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None)
         nonlocal done
         done += n
         if progress is not None:
-            progress(done, total)
+            progress(min(total, done * world.size), total)
 
     start = time.perf_counter()
     stats = collect_statistics(
-        loaded.model, loaded.facts, windows.tokens, batch_size=config.batch_size, with_queries=config.queries, progress=step
+        loaded.model, loaded.facts, shard(windows.tokens, world), batch_size=config.batch_size,
+        with_queries=config.queries, progress=step,
     )
+    all_reduce_(stats)
     seconds = time.perf_counter() - start
     device = next(loaded.model.parameters()).device
     info = {
@@ -100,9 +105,12 @@ def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None)
         "bos": windows.bos,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "processes": world.size,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     calibration = build_calibration(stats, loaded.facts, info)
-    calibration.save(config.output)
+    if world.is_main:
+        calibration.save(config.output)
+    barrier()  # no rank reports success before the file exists
     return CalibrationRun(calibration=calibration, seconds=seconds)

@@ -58,29 +58,36 @@ def calibrate(
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with the BOS token."),
     queries: bool = typer.Option(True, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
+    device_map: Optional[str] = typer.Option(None, help="`auto`: spread a model too large for one GPU over all visible GPUs (accelerate)."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
+    import contextlib
     import time
 
     from . import calibrate as calib
+    from .distributed import process_group
     from .config import CalibrateConfig
     from .pca import rank_at_variance
 
     config = CalibrateConfig(
         model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
-        batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries,
+        batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries, device_map=device_map,
     )
-    with console.status(f"loading {model} and {dataset} text"):
-        job = calib.prepare(config)
-    with _progress() as bar:
-        task = bar.add_task("calibrating", total=job.windows.num_tokens, rate="")
-        start = time.perf_counter()
+    with process_group(device) as world:  # torchrun: one process per GPU; otherwise a no-op
+        with console.status(f"loading {model} and {dataset} text") if world.is_main else contextlib.nullcontext():
+            job = calib.prepare(config)
+        if not world.is_main:
+            calib.run(job, world=world)
+            return
+        with _progress() as bar:
+            task = bar.add_task("calibrating", total=job.windows.num_tokens, rate="")
+            start = time.perf_counter()
 
-        def progress(done: int, total: int) -> None:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
+            def progress(done: int, total: int) -> None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
 
-        result = calib.run(job, progress)
+            result = calib.run(job, progress, world)
 
     cal = result.calibration
     table = Table(title=f"rank at 90% explained variance (of {cal.facts.head_dim}), mean over KV heads")
@@ -93,8 +100,9 @@ def calibrate(
         table.add_row(str(i), f"{pre[i]:.1f}", f"{post[i]:.1f}")
     table.add_row("mean", f"{pre.mean():.1f}", f"{post.mean():.1f}", style="bold")
     out.print(table)
+    procs = f" on {world.size} processes" if world.distributed else ""
     out.print(
-        f"{cal.info['num_tokens']:,} tokens in {result.seconds:.1f} s "
+        f"{cal.info['num_tokens']:,} tokens{procs} in {result.seconds:.1f} s "
         f"({cal.info['num_tokens'] / result.seconds:,.0f} tok/s); wrote {output}"
     )
 

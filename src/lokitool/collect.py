@@ -46,7 +46,7 @@ class MomentSums:
 
     def add(self, layer: int, x: torch.Tensor) -> None:
         """Add vectors x [B, H, N, D] to layer `layer`."""
-        x = x.detach().to(torch.float64)
+        x = x.detach().to(device=self.count.device, dtype=torch.float64)  # layers may live on other GPUs
         self.count[layer] += x.shape[0] * x.shape[2]
         self.total[layer] += x.sum(dim=(0, 2))
         flat = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # [H, B*N, D]

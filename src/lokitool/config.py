@@ -21,6 +21,7 @@ class CalibrateConfig:
     dtype: str = "auto"
     bos: bool = True
     queries: bool = True
+    device_map: str | None = None  # e.g. "auto": shard a large model over the visible GPUs (accelerate)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -233,12 +233,13 @@ def _converted_gguf_dir(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     return target, digest
 
 
-def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, device_map: str | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, **extra)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
             raise UserError(f"{source} is not a causal language model (AutoModelForCausalLM cannot load it)") from err
@@ -251,8 +252,9 @@ def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype) -> t
     return model, tokenizer
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM by spec (see module docstring), in eval mode on `device`."""
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM by spec (see module docstring), in eval mode on `device`, or spread over
+    devices by accelerate's `device_map` (e.g. "auto") for a model larger than one card."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec == "default" or spec.endswith(".gguf"):
@@ -263,7 +265,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         if source.suffix == ".gguf":
             model, tokenizer = _load_from_gguf(source, dt)
         else:
-            model, tokenizer = _from_pretrained(str(source), None, dt)
+            model, tokenizer = _from_pretrained(str(source), None, dt, device_map)
         model_id = EMBEDDED_ID if spec == "default" else str(Path(spec).resolve())
         revision = f"gguf-sha256:{digest}"
     else:
@@ -272,10 +274,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         local = Path(name)
         if local.exists() and not local.is_dir():
             raise UserError(f"{name} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
-        model, tokenizer = _from_pretrained(name, revision, dt)
+        model, tokenizer = _from_pretrained(name, revision, dt, device_map)
         model_id = str(local.resolve()) if local.is_dir() else name
         if local.is_dir() and (local / "model.safetensors").is_file():
             revision = f"sha256:{_file_digest(local / 'model.safetensors')}"
-    model.to(dev).eval()
+    if not device_map:
+        model.to(dev)
+    model.eval()
     facts = read_facts(model, tokenizer, model_id, revision)
     return LoadedModel(model=model, tokenizer=tokenizer, facts=facts)
