@@ -113,9 +113,9 @@ def test_group_selection_shares_keys_within_a_kv_group():
     captured = {}
     original = loki.attend
 
-    def spy(q_, k_, v_, keep, scaling):
+    def spy(q_, k_, v_, keep, *args):
         captured["keep"] = keep
-        return original(q_, k_, v_, keep, scaling)
+        return original(q_, k_, v_, keep, *args)
 
     loki.attend, saved = spy, loki.attend
     try:

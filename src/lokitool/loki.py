@@ -111,9 +111,12 @@ def select(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor,
     return (keep & visible) | sinks
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Exact attention over kept keys: softmax in float32. Returns [B, H, b, D] float32."""
-    scores = exact_scores(q, k) * scaling
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float, exact: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact attention over kept keys: softmax in float32. Returns [B, H, b, D] float32.
+    `exact` may pass q.k already computed for this block."""
+    scores = (exact_scores(q, k) if exact is None else exact) * scaling
     scores = scores.masked_fill(~keep, NEG_INF)
     probs = torch.softmax(scores, dim=-1)
     return probs @ expand_kv(v, q.shape[1]).float()
@@ -196,7 +199,7 @@ def sparse_attention(
     budget: Budget = "per-row",
     sink: int = 0,
     group: Group = "head",
-    block_rows: int = 256,
+    block_rows: int = 512,
     stats: SelectionStats | None = None,
     compare_exact: bool = False,
 ) -> torch.Tensor:
@@ -224,15 +227,14 @@ def sparse_attention(
             if group == "kv":
                 scores = group_scores(scores, hkv)
             keep = select(scores, positions, budgets, sink)
+        exact = exact_scores(qb, k)
         exact_keep = None
         if stats is not None and compare_exact and selector.score is not None:
-            exact = exact_scores(qb, k)
-            if group == "kv":
-                exact = group_scores(exact, hkv)
-            exact_keep = select(exact, positions, budget_per_row(positions, kf, budget, sk), sink)
+            ranking = group_scores(exact, hkv) if group == "kv" else exact
+            exact_keep = select(ranking, positions, budget_per_row(positions, kf, budget, sk), sink)
         if stats is not None:
             stats.add(keep, positions, exact_keep)
-        out[:, :, start:stop] = attend(qb, k, v, keep, scaling)
+        out[:, :, start:stop] = attend(qb, k, v, keep, scaling, exact)
     return out
 
 
