@@ -109,7 +109,7 @@ def calibrate(
 
 def _register_optional_commands() -> None:
     """Commands living in their own modules; each registers itself on `app`."""
-    for name in ("cli_report", "cli_eval", "cli_bench"):
+    for name in ("cli_report", "cli_eval", "cli_bench", "cli_generate", "cli_e2e"):
         try:
             __import__(f"{__package__}.{name}")
         except ModuleNotFoundError as err:

@@ -1,0 +1,111 @@
+"""`lokitool bench-e2e`: flags -> E2EConfig -> run_e2e -> table, e2e.json and rows appended to e2e.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .cli import app, console, out
+from .errors import UserError
+
+CSV_COLUMNS = [
+    "device", "model", "method", "batch", "prompt_len", "new_tokens", "kf", "df", "d", "dtype", "per_token_ms", "p10_ms",
+    "p90_ms", "tokens_per_s", "speedup_vs_full", "attention_share", "cache_share", "other_share", "prefill_s",
+    "cache_mb", "peak_mem_mb", "finite_logits", "torch", "transformers", "triton", "cuda", "lokitool", "git", "timestamp",
+]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise UserError(f"{flag} takes comma-separated whole numbers, got {text!r}") from err
+
+
+def _append_csv(path: Path, rows: list[dict]) -> None:
+    from .fileio import write_text_atomic
+
+    old = path.read_text() if path.is_file() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, old + buf.getvalue())
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+@app.command("bench-e2e")
+def bench_e2e_command(
+    model: str = typer.Option("default", help="`default` (embedded SmolLM2-135M), a load spec, or a random-weight preset: llama2-7b, llama3-8b, tiny."),
+    batch_size: str = typer.Option("1", help="Sequences decoded together; comma-separated for a sweep."),
+    prompt_len: str = typer.Option("512", help="Prompt tokens; comma-separated for a sweep."),
+    new_tokens: int = typer.Option(32, help="Timed decode steps per method."),
+    kf: float = typer.Option(0.25, help="Loki token budget fraction."),
+    df: float = typer.Option(0.25, help="Loki dimension budget fraction."),
+    methods: str = typer.Option("full,full-prealloc,loki", help="Comma-separated: full, full-prealloc, loki."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration file (default: a random orthonormal basis: same speed)."),
+    basis: str = typer.Option("post", help="Basis kind when a calibration is given."),
+    group: str = typer.Option("head", help="Loki selection per query head (head) or per KV head (kv)."),
+    warmup: int = typer.Option(4, help="Untimed decode steps first (kernel compilation, autotuning)."),
+    profile_tokens: int = typer.Option(8, help="Extra steps synchronized around attention and cache updates, for the time shares."),
+    prefill_chunk: int = typer.Option(2048, help="Prefill the prompt in chunks of this many tokens (bounds activation memory)."),
+    output_path: Path = typer.Option(Path("runs/e2e"), help="Directory for e2e.json (this run) and e2e.csv (appended)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+) -> None:
+    """End-to-end decode speed: tokens/s, per-token latency and time shares, full attention vs Loki."""
+    import gc
+
+    import torch
+
+    from . import e2e
+    from .fileio import ensure_writable_dir, write_json_atomic
+
+    configs = [
+        e2e.E2EConfig(
+            model=model, batch=b, prompt_len=p, new_tokens=new_tokens, kf=kf, df=df,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()), device=device, dtype=dtype,
+            calibration=str(calibration) if calibration else None, basis=basis, group=group, warmup=warmup,
+            profile_tokens=profile_tokens, prefill_chunk=prefill_chunk,
+        )
+        for b in _ints(batch_size, "--batch-size") for p in _ints(prompt_len, "--prompt-len")
+    ]
+    ensure_writable_dir(output_path)
+    with console.status(f"loading {model}"):
+        loaded = e2e.load(model, device, dtype)
+    rows = []
+    for cfg in configs:
+        try:
+            got = e2e.run_e2e(cfg, loaded, progress=lambda msg: console.print(f"  {msg}"))
+        except torch.OutOfMemoryError:  # a point that does not fit the GPU must not lose the others
+            console.print(f"[yellow]out of memory[/yellow] at batch {cfg.batch}, prompt {cfg.prompt_len}; skipped")
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        rows.extend(got)
+        _append_csv(output_path / "e2e.csv", got)
+        write_json_atomic(output_path / "e2e.json", {"configs": [e2e.config_dict(c) for c in configs], "results": rows})
+
+    if not rows:
+        raise UserError("no point ran (all out of memory); lower --batch-size or --prompt-len")
+    table = Table(title=f"end-to-end greedy decoding, {rows[0]['model']} ({rows[0]['dtype']}, {rows[0]['device']})")
+    for col in ("method", "batch", "prompt", "ms/token", "p10-p90", "tokens/s", "vs full", "attention", "cache", "rest", "cache MB", "peak MB"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(
+            r["method"] + (f" kf={r['kf']:g} df={r['df']:g}" if r["kf"] is not None else ""), str(r["batch"]), str(r["prompt_len"]),
+            f"{r['per_token_ms']:.2f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
+            _fmt(r["speedup_vs_full"], ".2f"), _fmt(r.get("attention_share"), ".0%"), _fmt(r.get("cache_share"), ".0%"),
+            _fmt(r.get("other_share"), ".0%"), f"{r['cache_mb']:.0f}", _fmt(r["peak_mem_mb"], ".0f"),
+        )
+    out.print(table)
+    out.print(f"wrote {output_path / 'e2e.json'} and appended to e2e.csv")

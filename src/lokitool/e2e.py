@@ -1,0 +1,322 @@
+"""`lokitool bench-e2e`: end-to-end greedy decoding speed with full attention and with Loki.
+
+A whole model decodes `new_tokens` tokens for `batch` sequences after a prompt of `prompt_len`
+random tokens. Methods:
+    full           transformers' DynamicCache (grows by concatenation) and SDPA: the stock path
+    full-prealloc  the Loki cache's preallocated layout without rotation, and SDPA: isolates the cache
+    loki           the Loki cache (rotated keys) and Loki decode (Triton kernels on CUDA, oracle on CPU)
+Prefill is exact (SDPA) for every method. Models: `default` (the embedded SmolLM2-135M) or any
+`load_model` spec, or a preset (`llama2-7b`, `llama3-8b`, `tiny`) built from a LlamaConfig with
+random weights (weights do not change speed).
+
+Two passes per method after `warmup` steps:
+1. clean: the device is synchronized only around each step -> per-token latency (median, p10, p90)
+   and tokens/s = batch / latency;
+2. profiled (`profile_tokens` steps): also synchronized around every attention call and every cache
+   update -> the share of a step spent in attention, in cache appends, and in the rest (projections,
+   MLP, norms, sampling). The syncs make this pass a little slower; only its shares are reported.
+Without a calibration the Loki basis is random orthonormal: the speed is the same as with a PCA basis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import platform
+import statistics
+import subprocess
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from . import __version__, bases
+from . import generate as gen
+from .cache import LokiCache, cache_nbytes
+from .calibration import Calibration
+from .dispatch import route_attention, sdpa_attention
+from .errors import UserError
+from .models import LoadedModel, load_model, read_facts, resolve_device, resolve_dtype
+
+METHODS = ("full", "full-prealloc", "loki")
+
+# LlamaConfig fields of models built with random weights.
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
+}
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    model: str = "default"
+    batch: int = 1
+    prompt_len: int = 512
+    new_tokens: int = 32
+    kf: float = 0.25
+    df: float = 0.25
+    methods: tuple[str, ...] = METHODS
+    device: str = "auto"
+    dtype: str = "auto"
+    calibration: str | None = None
+    basis: str = "post"
+    group: str = "head"
+    warmup: int = 4
+    profile_tokens: int = 8
+    prefill_chunk: int | None = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "prompt_len", "new_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.profile_tokens < 0:
+            raise UserError("--warmup and --profile-tokens must be >= 0")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        self.settings()  # validates kf, df, basis, group
+
+    def settings(self) -> gen.LokiSettings:
+        basis = self.basis if self.calibration else "random"
+        return gen.LokiSettings(kf=self.kf, df=self.df, basis=basis, group=self.group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def random_model(preset: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A LlamaForCausalLM of a preset shape with random weights, built directly on `device`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, **PRESETS[preset])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    return LoadedModel(model=model, tokenizer=None, facts=read_facts(model, None, f"random-{preset}", None))
+
+
+def load(spec: str, device: str, dtype: str) -> LoadedModel:
+    if spec in PRESETS:
+        dev = resolve_device(device)
+        return random_model(spec, dev, resolve_dtype(dtype, dev))
+    return load_model(spec, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RegionTimer:
+    """Seconds spent in named regions; only while `enabled`, synchronizing the device around each."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.enabled = False
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            _sync(self.device)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            _sync(self.device)
+            self.seconds[name] += time.perf_counter() - start
+            return result
+
+        return timed
+
+
+@contextlib.contextmanager
+def instrumented(method: str, model: nn.Module, cache, settings: gen.LokiSettings, head_dim: int,
+                 device: torch.device, timer: RegionTimer) -> Iterator[None]:
+    """Route attention for `method` with every attention call and cache update timed."""
+    if method == "loki":
+        make = gen.loki_handlers(cache, settings, head_dim, device)
+    else:
+        dense = sdpa_attention()
+        make = lambda module: dense  # noqa: E731  (the stock SDPA function, behind the same route)
+    cache.update = timer.wrap("cache", cache.update)  # instance attribute: dropped with the cache
+    with route_attention(model, lambda module: timer.wrap("attention", make(module))):
+        yield
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return statistics.median(ordered), pick(0.1), pick(0.9)
+
+
+# ----------------------------------------------------------------------------------------------
+# One method
+
+
+def _new_cache(method: str, loki_bases: torch.Tensor, num_layers: int, capacity: int):
+    if method == "full":
+        from transformers import DynamicCache
+
+        return DynamicCache()
+    if method == "full-prealloc":
+        return LokiCache.unrotated(num_layers, max_length=capacity)
+    return LokiCache(loki_bases, max_length=capacity)
+
+
+def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: torch.Tensor, ids: torch.Tensor) -> dict:
+    model, facts = loaded.model, loaded.facts
+    device = ids.device
+    settings = cfg.settings()
+    capacity = cfg.prompt_len + cfg.warmup + cfg.new_tokens + cfg.profile_tokens
+    cache = _new_cache(method, loki_bases, facts.num_layers, capacity)
+    timer = RegionTimer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies, profiled = [], []
+    last_logits = [None]  # random fp16 weights can overflow: report whether the logits stayed finite
+
+    def step(token: torch.Tensor, into: list[float]) -> torch.Tensor:
+        _sync(device)
+        start = time.perf_counter()
+        logits = gen.next_logits(model, token[:, None], cache)  # [B, V]
+        token = logits.argmax(-1)
+        _sync(device)
+        into.append(time.perf_counter() - start)
+        last_logits[0] = logits
+        return token
+
+    with instrumented(method, model, cache, settings, facts.head_dim, device, timer), torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        token = gen.prefill(model, ids, cache, cfg.prefill_chunk)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        for _ in range(cfg.warmup):
+            token = step(token, [])
+        for _ in range(cfg.new_tokens):
+            token = step(token, latencies)
+        timer.enabled = True
+        for _ in range(cfg.profile_tokens):
+            token = step(token, profiled)
+        timer.enabled = False
+
+    median, p10, p90 = _quantiles(latencies)
+    prof_total = sum(profiled)
+    shares = {}
+    if prof_total > 0:
+        attention = timer.seconds["attention"] / prof_total
+        append = timer.seconds["cache"] / prof_total
+        shares = {"attention_share": attention, "cache_share": append, "other_share": max(0.0, 1 - attention - append)}
+    result = {
+        "method": method,
+        "batch": cfg.batch,
+        "prompt_len": cfg.prompt_len,
+        "new_tokens": cfg.new_tokens,
+        "context_end": cfg.prompt_len + cfg.warmup + cfg.new_tokens,
+        "kf": cfg.kf if method == "loki" else None,
+        "df": cfg.df if method == "loki" else None,
+        "d": settings.dims(facts.head_dim) if method == "loki" else None,
+        "basis": settings.basis if method == "loki" else None,
+        "group": settings.group if method == "loki" else None,
+        "prefill_s": prefill_s,
+        "per_token_ms": median * 1e3,
+        "p10_ms": p10 * 1e3,
+        "p90_ms": p90 * 1e3,
+        "tokens_per_s": cfg.batch / median,
+        **shares,
+        "profiled_per_token_ms": prof_total / max(len(profiled), 1) * 1e3,
+        "cache_mb": cache_nbytes(cache) / 2**20,
+        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "finite_logits": bool(torch.isfinite(last_logits[0]).all()),
+    }
+    del cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _git_hash() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "lokitool": __version__,
+        "git": _git_hash(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    return env
+
+
+def run_e2e(cfg: E2EConfig, loaded: LoadedModel | None = None, progress: Callable[[str], None] = lambda msg: None) -> list[dict]:
+    """Every method of `cfg` on one model and one prompt batch: a list of result rows."""
+    loaded = loaded or load(cfg.model, cfg.device, cfg.dtype)
+    facts = loaded.facts
+    device = next(loaded.model.parameters()).device
+    dtype = next(loaded.model.parameters()).dtype
+    if facts.max_positions is not None and cfg.prompt_len + cfg.warmup + cfg.new_tokens + cfg.profile_tokens > facts.max_positions:
+        raise UserError(f"prompt plus new tokens exceed {facts.model_id}'s {facts.max_positions} positions; lower --prompt-len")
+    calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
+    settings = cfg.settings()
+    loki_bases = gen.loki_bases(settings, calibration, facts) if "loki" in cfg.methods else None
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(3, vocab, (cfg.batch, cfg.prompt_len), generator=g)
+    if facts.bos_token_id is not None:
+        ids[:, 0] = facts.bos_token_id
+    ids = ids.to(device)
+    env = environment(device)
+    common = {"model": facts.model_id, "dtype": str(dtype).removeprefix("torch."), "num_layers": facts.num_layers,
+              "num_heads": facts.num_heads, "num_kv_heads": facts.num_kv_heads, "head_dim": facts.head_dim}
+    rows = []
+    for method in cfg.methods:
+        progress(f"{method}: batch {cfg.batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens")
+        rows.append({**common, **run_method(method, cfg, loaded, loki_bases, ids), **env})
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        r["speedup_vs_full"] = full["per_token_ms"] / r["per_token_ms"] if full else None
+    return rows
+
+
+def config_dict(cfg: E2EConfig) -> dict:
+    d = asdict(cfg)
+    d["methods"] = list(cfg.methods)
+    return d
