@@ -1,10 +1,11 @@
-"""rank-report: ranks, subspace agreement and captured variance against hand-computed numbers,
-and the command end to end on small hand-built calibration files."""
+"""rank-report: ranks, subspace agreement, captured variance and score variance captured per basis
+against hand-computed numbers, and the command end to end on small hand-built calibration files."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -59,6 +60,24 @@ def rotated_pair(seed: int = 0) -> tuple[Calibration, Calibration, torch.Tensor]
     return a, b, rows
 
 
+def with_queries(query_eigenvalues: torch.Tensor, seed: int = 4, dataset: str = "toy:queries") -> tuple[Calibration, torch.Tensor]:
+    """Keys with the halving spectrum and queries with E[q q^T] = R^T diag(query_eigenvalues) R, where R
+    (rows) is the keys' own principal basis, random per (layer, head): 2 layers, 2 KV heads, D = 8."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.stack([torch.stack([random_orthogonal(8, g) for _ in range(2)]) for _ in range(2)])  # [2, 2, 8, 8]
+    keys = calibration(HALVING.expand(2, 2, 8).clone(), rows, dataset=dataset)
+    moment = rows.transpose(-1, -2) @ (query_eigenvalues.to(torch.float64).unsqueeze(-1) * rows)  # [2, 2, 8, 8]
+    cal = Calibration(facts=keys.facts, info=keys.info, pca=keys.pca,
+                      query_moment={"pre": moment.float().clone(), "post": moment.float().clone()})
+    return cal, rows
+
+
+# Queries blind to the keys' top 4 directions: S = diag(0, 0, 0, 0, 1, 1, 1, 1) in the keys' basis, so
+# c_i s_i = (0, 0, 0, 0, .5, .25, .125, .0625), tr(CS) = .9375. Both diagonal: the best d directions
+# are those with the largest c_i s_i, and the error is the sum of the c_i s_i left out.
+BLIND = torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1])
+
+
 # ----------------------------------------------------------------------------------------------
 # thresholds
 
@@ -81,6 +100,16 @@ def test_parse_variance_refuses(text, words):
     with pytest.raises(UserError) as err:
         report.parse_variance(text)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_parse_dims_and_rounding():
+    assert report.parse_dims("0.5, 0.25,0.5") == (0.25, 0.5)
+    assert report.dims_for((0.25, 0.5), 64) == (16, 32)
+    assert report.dims_for((0.25, 0.3, 1.0), 8) == (2, 8)  # 2.4 rounds to 2: one d
+    assert report.dims_for((0.3125, 0.01), 8) == (1, 3)  # 2.5 rounds up; never below 1
+    for text, words in (("16", "outside (0, 1]"), ("a", "'a' is not a number; give fractions such as --dims"), ("", "no dimension fraction")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            report.parse_dims(text)
 
 
 def test_reference_threshold_prefers_0_9_else_middle():
@@ -198,6 +227,58 @@ def test_comparison_of_partly_shared_subspaces():
         assert c.agreement[:, 1].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
 
 
+# ----------------------------------------------------------------------------------------------
+# score variance captured
+
+
+def by_d(svs, kind="post") -> dict:
+    return {sv.d: sv for sv in svs if sv.kind == kind}
+
+
+def test_score_variance_when_queries_ignore_the_top_key_directions():
+    cal, rows = with_queries(BLIND)
+    calls = []
+    svs = by_d(report.score_variances(cal, (2, 4, 6), progress=calls.append, name="toy"))
+    assert len(calls) == 6 and calls[3] == "query-aware basis 4/6: toy post-RoPE, d = 2"
+    total = 0.9375
+    expected = {  # d: (key variance, PCA, query-aware)
+        2: (12 / 15.9375, 0.0, 0.75 / total),  # PCA keeps e1, e2 (s = 0); the best two are e5, e6
+        4: (15 / 15.9375, 0.0, 1.0),  # PCA keeps exactly what queries ignore; e5..e8 keep everything
+        6: (15.75 / 15.9375, 0.75 / total, 1.0),  # PCA now keeps e5, e6 but drops e7, e8
+    }
+    for d, (key, pca, qa) in expected.items():
+        sv = svs[d]
+        assert sv.key_variance.flatten().tolist() == pytest.approx([key] * 4, abs=1e-6)
+        assert sv.captured["pca"].flatten().tolist() == pytest.approx([pca] * 4, abs=1e-6)
+        assert sv.captured["query_aware"].flatten().tolist() == pytest.approx([qa] * 4, abs=1e-6)
+        # random: straight from the definition, with the projector formed explicitly
+        u = report.random_basis(2, 2, 8)[..., :d]
+        rest = torch.eye(8, dtype=torch.float64) - u @ u.transpose(-1, -2)
+        c = cal.pca["post"].covariance()
+        s = cal.query_moment["post"].double()
+        direct = 1 - (rest @ c @ rest @ s).diagonal(dim1=-2, dim2=-1).sum(-1) / total
+        assert torch.allclose(sv.captured["random"], direct, atol=1e-6)
+        assert (sv.captured["random"] <= sv.captured["query_aware"] + 1e-9).all()  # nothing beats the optimum
+
+
+def test_score_variance_with_isotropic_queries_is_key_variance():
+    # S = 2I: the score error is 2 tr((I - P) C), so PCA is optimal and captures its key variance share;
+    # any basis, random included, captures tr(U^T C U) / tr(C), in [0, 1]
+    cal, _ = with_queries(torch.full((8,), 2.0))
+    share = HALVING.cumsum(0) / HALVING.sum()
+    for sv in report.score_variances(cal, (1, 3, 8)):
+        assert torch.allclose(sv.key_variance, share[sv.d - 1].expand(2, 2), atol=1e-6)
+        assert torch.allclose(sv.captured["pca"], sv.key_variance, atol=1e-6)
+        assert torch.allclose(sv.captured["query_aware"], sv.key_variance, atol=1e-6)
+        u = report.random_basis(2, 2, 8)[..., :sv.d]
+        c = cal.pca[sv.kind].covariance()
+        inside = (u.transpose(-1, -2) @ c @ u).diagonal(dim1=-2, dim2=-1).sum(-1) / 15.9375
+        assert torch.allclose(sv.captured["random"], inside, atol=1e-6)
+        assert ((sv.captured["random"] >= 0) & (sv.captured["random"] <= 1 + 1e-9)).all()
+        if sv.d == 8:
+            assert torch.allclose(sv.captured["random"], torch.ones(2, 2, dtype=torch.float64), atol=1e-6)
+
+
 def test_refuses_different_models():
     a, _, rows = rotated_pair()
     other = calibration(a.pca["pre"].eigenvalues, rows, model_id="toy/other")
@@ -281,7 +362,42 @@ def test_cli_single_file_has_no_comparisons(tmp_path, two_files, capsys):
     assert not (tmp_path / "one" / "comparison.png").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "foreign", "variance", "unwritable", "other-model", "twice"])
+def test_cli_score_variance_section(tmp_path, capsys):
+    cal, _ = with_queries(BLIND)
+    plain, _, _ = rotated_pair()
+    files = [str(tmp_path / "queries.safetensors"), str(tmp_path / "keys-only.safetensors")]
+    cal.save(files[0])
+    plain.save(files[1])
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(["rank-report", *files, "--output-dir", str(out_dir), "--dims", "0.5,0.25"], capsys)
+    assert code == 0, err
+
+    data = json.loads((out_dir / "report.json").read_text())
+    assert data["dims"] == [0.25, 0.5] and data["d"] == [2, 4]
+    with_q, without = data["calibrations"]
+    rows = with_q["score_variance"]
+    assert [(r["layer"], r["kind"], r["d"]) for r in rows[:4]] == [(0, "pre", 2), (0, "pre", 4), (0, "post", 2), (0, "post", 4)]
+    assert len(rows) == 2 * 2 * 2 and "score_variance_note" not in with_q
+    last = rows[-1]
+    assert (last["layer"], last["kind"], last["d"]) == (1, "post", 4)
+    assert last["key_variance"] == pytest.approx([15 / 15.9375] * 2, abs=1e-5)
+    assert last["pca"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert last["query_aware"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert len(last["random"]) == 2
+    mean = {(m["kind"], m["d"]): m for m in with_q["score_variance_mean"]}
+    assert mean[("pre", 2)]["query_aware"] == pytest.approx(0.8, abs=1e-5)
+    assert without["score_variance"] is None and "--no-queries" in without["score_variance_note"]
+
+    md = (out_dir / "report.md").read_text()
+    assert "## Score variance captured by truncated scores" in md
+    assert "| queries | post-RoPE | 4 | 0.941 | 0.000 |" in md
+    assert "](1-queries-score_variance.png)" in md and (out_dir / "1-queries-score_variance.png").is_file()
+    assert f"- keys-only (`{files[1]}`): no query statistics" in md
+    assert not (out_dir / "2-keys-only-score_variance.png").exists()
+    assert "score variance captured" in out and "keys-only: no query statistics" in out
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "variance", "dims", "unwritable", "other-model", "twice"])
 def test_cli_bad_input_is_one_line(tmp_path, two_files, capsys, case):
     target = tmp_path / "out"
     args = [*two_files, "--output-dir", str(target)]
@@ -289,6 +405,7 @@ def test_cli_bad_input_is_one_line(tmp_path, two_files, capsys, case):
         "missing": "does not exist",
         "foreign": "not a calibration file",
         "variance": "outside (0, 1]",
+        "dims": "dimension fraction 32 is outside (0, 1]",
         "unwritable": "cannot create directory",
         "other-model": "one model",
         "twice": "given twice",
@@ -300,6 +417,8 @@ def test_cli_bad_input_is_one_line(tmp_path, two_files, capsys, case):
         args[1] = str(tmp_path / "notes.safetensors")
     elif case == "variance":
         args += ["--variance", "0.9,95"]
+    elif case == "dims":
+        args += ["--dims", "0.25,32"]
     elif case == "unwritable":
         (tmp_path / "plain-file").write_text("")
         target = tmp_path / "plain-file" / "report"

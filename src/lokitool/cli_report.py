@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from .cli import app, out
+from .cli import app, console, out
 
 
 @app.command("rank-report")
@@ -15,11 +15,13 @@ def rank_report(
     calibrations: List[Path] = typer.Argument(..., help="Calibration files from `lokitool calibrate`, all of one model."),
     output_dir: Path = typer.Option(..., "--output-dir", help="Folder for report.md, report.json and the PNG figures (created if missing)."),
     variance: str = typer.Option("0.8,0.9,0.95", help="Explained-variance thresholds: comma-separated fractions in (0, 1]."),
+    dims: str = typer.Option("0.25,0.5", help="Dimension budgets d for the score variance captured: comma-separated fractions of the head dimension in (0, 1]."),
 ) -> None:
-    """Rank at explained-variance thresholds per layer and KV head, pre/post RoPE; with several files, how well their subspaces agree."""
+    """Rank at explained-variance thresholds per layer and KV head, pre/post RoPE; score variance kept by truncated scores per basis; with several files, how well their subspaces agree."""
     from . import report
 
-    result, written = report.run(calibrations, output_dir, variance)
+    with console.status("rank report") as status:
+        result, written = report.run(calibrations, output_dir, variance, dims, progress=status.update)
     for table in report.terminal_tables(result):
         out.print(table)
     figures = sum(path.suffix == ".png" for path in written)

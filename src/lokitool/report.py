@@ -15,20 +15,36 @@ d = A's rank at the reference threshold (0.9 when asked for, else the middle one
 - captured variance: the share of B's key variance inside A's top-d subspace,
   trace(U_A^T C_B U_A) / trace(C_B), C_B rebuilt from B's eigenvalues and components;
 - own variance: the same share for B's own top-d subspace, the most any d directions can capture.
+
+Score variance captured (files calibrated with query statistics), per layer, KV head and kind, at
+each d = round(f * D) for the `--dims` fractions f: how much of what Loki ranks keys by survives
+truncating scores to the first d directions of a basis U (see bases.py),
+    1 - tr((I - U_d U_d^T) C (I - U_d U_d^T) S) / tr(CS),   C key covariance, S = E[q q^T],
+for three bases: `pca` (Loki's), `random` (Haar, seed 0) and `query_aware` (minimises the error
+for that d). 1 means the truncated scores vary across keys exactly as the full ones; a basis that
+mixes high-variance key directions into the queries' directions can score below 0. Next to them,
+`key_variance` is PCA's explained variance at d, the cumulative eigenvalue share.
+report.json, per calibration: `"score_variance"`, a list over layer, then kind, then d of
+    {"layer": 0, "kind": "post", "d": 16, "key_variance": [per head], "pca": [per head],
+     "random": [per head], "query_aware": [per head]}
+with `"score_variance_mean"` (means over layers and heads per kind and d); both are null, with a
+one-line `"score_variance_note"`, for a file without query statistics.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from .bases import pca_basis, query_aware_basis, random_basis, score_variance_captured
 from .calibration import KINDS, Calibration
 from .errors import UserError
 from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
@@ -36,7 +52,10 @@ from .models import ModelFacts
 from .pca import PCA, explained_variance_ratio, rank_at_variance
 
 DEFAULT_VARIANCE = "0.8,0.9,0.95"
+DEFAULT_DIMS = "0.25,0.5"
 KIND_LABEL = {"pre": "pre-RoPE", "post": "post-RoPE"}
+BASES = ("pca", "random", "query_aware")
+BASIS_LABEL = {"pca": "PCA (Loki)", "random": "random", "query_aware": "query-aware"}
 
 RANK_DEFINITION = (
     "rank at v = smallest d >= 1 such that (lambda_1 + ... + lambda_d) / (lambda_1 + ... + lambda_D) >= v "
@@ -49,14 +68,27 @@ AGREEMENT_DEFINITION = (
 )
 CAPTURED_DEFINITION = "share of B's key variance inside A's top-d subspace: trace(U_A^T C_B U_A) / trace(C_B)"
 OWN_DEFINITION = "share of B's key variance inside B's own top-d subspace: the most any d directions can capture"
+SCORE_VARIANCE_DEFINITION = (
+    "1 - tr((I - U_d U_d^T) C (I - U_d U_d^T) S) / tr(CS): share of the per-query variance of attention "
+    "scores over keys kept by scores truncated to the first d directions U_d of a basis; C = key covariance, "
+    "S = E[q q^T] over the query heads of the KV group; d = round(f * D) for each --dims fraction f; "
+    "bases: pca (Loki), random (Haar, seed 0), query_aware (minimises the truncation error for that d)"
+)
+KEY_VARIANCE_DEFINITION = "PCA's explained variance at d: (lambda_1 + ... + lambda_d) / (lambda_1 + ... + lambda_D)"
+NO_QUERIES_NOTE = (
+    "no query statistics in this file (calibrated with --no-queries): score variance not reported; "
+    "recalibrate without --no-queries to get it"
+)
+
+Progress = Callable[[str], None]  # told what slow step starts next (the CLI shows it as a status line)
 
 
 # ----------------------------------------------------------------------------------------------
 # Settings
 
 
-def parse_variance(text: str) -> tuple[float, ...]:
-    """'0.8,0.9,0.95' -> (0.8, 0.9, 0.95): sorted, without repeats, each in (0, 1]."""
+def _parse_fractions(text: str, what: str, flag: str, default: str, example: str) -> tuple[float, ...]:
+    """'0.8,0.9' -> (0.8, 0.9): sorted, without repeats, each in (0, 1]; errors name `flag`."""
     values = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -64,17 +96,28 @@ def parse_variance(text: str) -> tuple[float, ...]:
         try:
             value = float(part)
         except ValueError:
-            raise UserError(
-                f"variance threshold {part!r} is not a number; give fractions such as --variance {DEFAULT_VARIANCE}"
-            ) from None
+            raise UserError(f"{what} {part!r} is not a number; give fractions such as {flag} {default}") from None
         if not 0 < value <= 1:
-            raise UserError(
-                f"variance threshold {part} is outside (0, 1]; give fractions such as 0.9 (not percentages)"
-            )
+            raise UserError(f"{what} {part} is outside (0, 1]; give fractions such as {example} (not percentages)")
         values.add(value)
     if not values:
-        raise UserError(f"no variance threshold given; use for example --variance {DEFAULT_VARIANCE}")
+        raise UserError(f"no {what} given; use for example {flag} {default}")
     return tuple(sorted(values))
+
+
+def parse_variance(text: str) -> tuple[float, ...]:
+    """'0.8,0.9,0.95' -> (0.8, 0.9, 0.95): sorted, without repeats, each in (0, 1]."""
+    return _parse_fractions(text, "variance threshold", "--variance", DEFAULT_VARIANCE, "0.9")
+
+
+def parse_dims(text: str) -> tuple[float, ...]:
+    """'0.25,0.5' -> (0.25, 0.5): fractions of the head dimension, sorted, without repeats, each in (0, 1]."""
+    return _parse_fractions(text, "dimension fraction", "--dims", DEFAULT_DIMS, "0.25")
+
+
+def dims_for(fractions: Sequence[float], head_dim: int) -> tuple[int, ...]:
+    """Fractions of D -> distinct d = round(f * D) (halves up), at least 1: (0.25, 0.5), 64 -> (16, 32)."""
+    return tuple(sorted({max(1, math.floor(f * head_dim + 0.5)) for f in fractions}))
 
 
 def reference_threshold(variance: Sequence[float]) -> float:
@@ -150,10 +193,49 @@ def compare(a: Calibration, b: Calibration, threshold: float) -> dict[str, KindC
 
 
 @dataclass(frozen=True)
+class ScoreVariance:
+    kind: str
+    d: int
+    key_variance: torch.Tensor  # [L, H], PCA's explained variance at d
+    captured: dict[str, torch.Tensor]  # basis (BASES) -> [L, H], score variance captured at d
+
+
+def has_query_statistics(calibration: Calibration) -> bool:
+    return all(kind in calibration.query_moment for kind in KINDS)
+
+
+def score_variances(
+    calibration: Calibration, dims: Sequence[int], progress: Progress | None = None, name: str = ""
+) -> tuple[ScoreVariance, ...]:
+    """Score variance captured by each basis at each d, per kind; one query-aware fit per (kind, d)."""
+    facts = calibration.facts
+    random = random_basis(facts.num_layers, facts.num_kv_heads, facts.head_dim)  # [L, H, D, D]
+    out, step = [], 0
+    for kind in KINDS:
+        c = calibration.pca[kind].covariance()  # [L, H, D, D] float64
+        s = calibration.query_moment[kind].to(torch.float64)
+        pca = pca_basis(calibration, kind)
+        share = explained_variance_ratio(calibration.pca[kind].eigenvalues)  # [L, H, D]
+        for d in dims:
+            step += 1
+            if progress is not None:
+                progress(f"query-aware basis {step}/{len(KINDS) * len(dims)}: {name} {KIND_LABEL[kind]}, d = {d}")
+            bases = {"pca": pca, "random": random, "query_aware": query_aware_basis(calibration, kind, d)}
+            out.append(ScoreVariance(
+                kind=kind,
+                d=d,
+                key_variance=share[..., d - 1],
+                captured={b: score_variance_captured(bases[b], c, s, d) for b in BASES},
+            ))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Entry:
     file: str
     calibration: Calibration
     ranks: dict[str, dict[float, torch.Tensor]]  # kind -> threshold -> [L, H]
+    score_variance: tuple[ScoreVariance, ...] | None = None  # None: the file has no query statistics
 
 
 @dataclass(frozen=True)
@@ -169,6 +251,8 @@ class RankReport:
     threshold: float  # reference threshold: d for comparisons, heatmaps
     entries: tuple[Entry, ...]
     comparisons: tuple[PairComparison, ...]  # every ordered pair of distinct files
+    dim_fractions: tuple[float, ...] = ()  # --dims
+    dims: tuple[int, ...] = ()  # d for the score variance, from dim_fractions and D
 
     @property
     def facts(self) -> ModelFacts:
@@ -209,12 +293,23 @@ def load_calibrations(paths: Sequence[str | Path]) -> list[tuple[str, Calibratio
     return loaded
 
 
-def build_report(calibrations: Sequence[tuple[str, Calibration]], variance: Sequence[float]) -> RankReport:
+def build_report(
+    calibrations: Sequence[tuple[str, Calibration]],
+    variance: Sequence[float],
+    dim_fractions: Sequence[float] = (0.25, 0.5),
+    progress: Progress | None = None,
+) -> RankReport:
     check_same_model(calibrations)
     variance = tuple(sorted(variance))
     threshold = reference_threshold(variance)
+    dims = dims_for(dim_fractions, calibrations[0][1].facts.head_dim)
     entries = tuple(
-        Entry(file=file, calibration=cal, ranks={kind: ranks_at(cal.pca[kind], variance) for kind in KINDS})
+        Entry(
+            file=file,
+            calibration=cal,
+            ranks={kind: ranks_at(cal.pca[kind], variance) for kind in KINDS},
+            score_variance=score_variances(cal, dims, progress, Path(file).stem) if has_query_statistics(cal) else None,
+        )
         for file, cal in calibrations
     )
     comparisons = tuple(
@@ -223,7 +318,10 @@ def build_report(calibrations: Sequence[tuple[str, Calibration]], variance: Sequ
         for j in range(len(entries))
         if i != j
     )
-    return RankReport(variance=variance, threshold=threshold, entries=entries, comparisons=comparisons)
+    return RankReport(
+        variance=variance, threshold=threshold, entries=entries, comparisons=comparisons,
+        dim_fractions=tuple(sorted(dim_fractions)), dims=dims,
+    )
 
 
 def mean_rank(entry: Entry, kind: str, v: float) -> torch.Tensor:
@@ -282,7 +380,36 @@ def _entry_json(entry: Entry, variance: Sequence[float]) -> dict[str, Any]:
             kind: {_key(v): round(float(entry.ranks[kind][v].double().mean()), 3) for v in variance} for kind in KINDS
         },
         "layers": layers,
+        **_score_variance_json(entry),
     }
+
+
+def _score_variance_json(entry: Entry) -> dict[str, Any]:
+    """Per (layer, kind, d) and per head; means over layers and heads; a note where the file has no queries."""
+    if entry.score_variance is None:
+        return {"score_variance": None, "score_variance_mean": None, "score_variance_note": NO_QUERIES_NOTE}
+    num_layers = entry.calibration.facts.num_layers
+    by_layer = [
+        {
+            "layer": i,
+            "kind": sv.kind,
+            "d": sv.d,
+            "key_variance": _rounded(sv.key_variance[i]),
+            **{b: _rounded(sv.captured[b][i]) for b in BASES},
+        }
+        for i in range(num_layers)
+        for sv in entry.score_variance  # kind-major, then d
+    ]
+    means = [
+        {
+            "kind": sv.kind,
+            "d": sv.d,
+            "key_variance": _rounded(sv.key_variance.mean()),
+            **{b: _rounded(sv.captured[b].mean()) for b in BASES},
+        }
+        for sv in entry.score_variance
+    ]
+    return {"score_variance": by_layer, "score_variance_mean": means}
 
 
 def _pair_json(report: RankReport, pair: PairComparison) -> dict[str, Any]:
@@ -322,11 +449,15 @@ def report_json(report: RankReport) -> dict[str, Any]:
         "files": [e.file for e in report.entries],
         "variance": list(report.variance),
         "reference_threshold": report.threshold,
+        "dims": list(report.dim_fractions),
+        "d": list(report.dims),
         "definitions": {
             "rank": RANK_DEFINITION,
             "agreement": AGREEMENT_DEFINITION,
             "captured_variance": CAPTURED_DEFINITION,
             "own_variance": OWN_DEFINITION,
+            "score_variance": SCORE_VARIANCE_DEFINITION,
+            "key_variance": KEY_VARIANCE_DEFINITION,
         },
         "generated": _generated(),
         "calibrations": [_entry_json(e, report.variance) for e in report.entries],
@@ -454,6 +585,58 @@ def _md_comparison_layers(report: RankReport, pair: PairComparison) -> str:
     return _md_table(header, rows)
 
 
+def _md_score_summary(report: RankReport, names: Sequence[str]) -> str:
+    rows = []
+    for name, entry in zip(names, report.entries):
+        for sv in entry.score_variance or ():
+            rows.append([
+                name,
+                KIND_LABEL[sv.kind],
+                str(sv.d),
+                f"{sv.key_variance.mean():.3f}",
+                *(f"{sv.captured[b].mean():.3f}" for b in BASES),
+            ])
+    header = ["file", "keys", "d", "key variance (PCA)", *(f"score variance: {BASIS_LABEL[b]}" for b in BASES)]
+    return _md_table(header, rows, text_columns=2)
+
+
+def _md_score_variance(report: RankReport, names: Sequence[str], figures: "FigureFiles") -> list[str]:
+    dim = report.facts.head_dim
+    dims = ", ".join(map(str, report.dims))
+    fractions = ",".join(f"{f:g}" for f in report.dim_fractions)
+    parts = [
+        "## Score variance captured by truncated scores",
+        "Loki ranks keys by scores computed in the first d directions of a basis U. For each layer, KV head "
+        "and kind, with C the key covariance and S = E[q qᵀ] over the query heads of the KV group, the "
+        "**score variance captured** at d is 1 − tr((I − U_d U_dᵀ) C (I − U_d U_dᵀ) S) / tr(CS): the share "
+        "of the per-query variance of scores across keys that the truncated scores keep (1: they vary "
+        "exactly as the full scores). It can fall below 0 for a basis that mixes high-variance key "
+        "directions into the directions queries look along.",
+        "- **PCA (Loki)**: the top-d principal directions of the keys;",
+        "- **random**: a Haar-random orthonormal basis (seed 0): what any basis must beat;",
+        "- **query-aware**: the d directions that minimise the truncation error for that d "
+        "(fitted per d, see `lokitool/bases.py`);",
+        "- **key variance (PCA)**: PCA's explained variance at d, (λ1 + … + λd) / (λ1 + … + λD): what the "
+        "ranks above measure. Score variance captured by PCA equals it when queries weigh all directions alike.",
+        f"d = {dims} of D = {dim} (`--dims {fractions}`: d = round(f · D)).",
+    ]
+    if any(e.score_variance is not None for e in report.entries):
+        parts[-1] += " Means over layers and KV heads:"
+        parts.append(_md_score_summary(report, names))
+    for name, entry, files in zip(names, report.entries, figures.per_entry):
+        if entry.score_variance is None:
+            parts.append(f"- {name} (`{entry.file}`): {NO_QUERIES_NOTE}.")
+        else:
+            parts.append(f"![score variance captured, {name}]({files['score_variance']})")
+    parts.append(
+        "In `report.json`, each calibration has `score_variance`: a list over layer, then kind, then d of "
+        '`{"layer": 0, "kind": "post", "d": 16, "key_variance": [per head], "pca": [per head], '
+        '"random": [per head], "query_aware": [per head]}`, and `score_variance_mean` (means over layers '
+        "and heads per kind and d); both are `null`, with `score_variance_note`, for a file without query statistics."
+    )
+    return parts
+
+
 def report_markdown(report: RankReport, figures: "FigureFiles") -> str:
     facts = report.facts
     names = labels(report)
@@ -474,6 +657,7 @@ def report_markdown(report: RankReport, figures: "FigureFiles") -> str:
         "Rank over all layers and KV heads: mean (share of D), min-max.",
         _md_summary(report, names),
         f"![rank per layer]({figures.rank_per_layer})",
+        *_md_score_variance(report, names, figures),
     ]
     for name, entry, files in zip(names, report.entries, figures.per_entry):
         parts += [
@@ -674,6 +858,42 @@ def plot_comparisons(report: RankReport):
     return fig
 
 
+def plot_score_variance(report: RankReport, entry: Entry):
+    """Score variance captured per layer (mean over KV heads) by each basis, one panel per (d, kind);
+    dashed: PCA's key variance captured at the same d."""
+    facts = report.facts
+    layers = range(facts.num_layers)
+    by = {(sv.d, sv.kind): sv for sv in entry.score_variance}
+    colors = {"pca": "tab:blue", "random": "tab:gray", "query_aware": "tab:red"}
+    markers = {"pca": "o", "random": "x", "query_aware": "s"}
+    fig = _figure(12, 3.4 * len(report.dims) + 1.2)
+    axes = fig.subplots(len(report.dims), len(KINDS), sharex=True, sharey=True, squeeze=False)
+    for row, d in zip(axes, report.dims):
+        for ax, kind in zip(row, KINDS):
+            sv = by[(d, kind)]
+            for b in BASES:
+                ax.plot(layers, sv.captured[b].mean(-1).numpy(), "-", marker=markers[b], ms=3.5, lw=1.4,
+                        color=colors[b], label=f"score variance: {BASIS_LABEL[b]}")
+            ax.plot(layers, sv.key_variance.mean(-1).numpy(), "--", color="black", lw=1.2,
+                    label="key variance (PCA explained variance)")
+            ax.axhline(0, color="0.5", lw=0.8)
+            ax.set_title(f"{KIND_LABEL[kind]}, d = {d} of {facts.head_dim}", fontsize=10)
+            ax.grid(alpha=0.3)
+    low = min(float(sv.captured[b].mean(-1).min()) for sv in entry.score_variance for b in BASES)
+    axes[0, 0].set_ylim(min(-0.05, low - 0.05), 1.03)
+    for ax in axes[-1]:
+        ax.set_xlabel("layer")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("captured, mean over KV heads")
+    handles, names_ = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(
+        f"Share of score variance kept by truncated scores, per basis - {facts.model_id}\n{_dataset(entry)}",
+        fontsize=10,
+    )
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 
@@ -681,7 +901,7 @@ def plot_comparisons(report: RankReport):
 @dataclass(frozen=True)
 class FigureFiles:
     rank_per_layer: str
-    per_entry: tuple[dict[str, str], ...]  # "heatmap" / "cumulative" / "spectrum" -> file name
+    per_entry: tuple[dict[str, str], ...]  # "heatmap" / "cumulative" / "spectrum" [/ "score_variance"] -> file name
     comparison: str | None
 
     def all(self) -> list[str]:
@@ -693,7 +913,8 @@ def figure_files(report: RankReport) -> FigureFiles:
     per_entry = []
     for i, entry in enumerate(report.entries, 1):
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(entry.file).stem)
-        per_entry.append({part: f"{i}-{stem}-{part}.png" for part in ("heatmap", "cumulative", "spectrum")})
+        parts = ("heatmap", "cumulative", "spectrum") + (("score_variance",) if entry.score_variance is not None else ())
+        per_entry.append({part: f"{i}-{stem}-{part}.png" for part in parts})
     comparison = "comparison.png" if report.comparisons else None
     return FigureFiles(rank_per_layer="rank_per_layer.png", per_entry=tuple(per_entry), comparison=comparison)
 
@@ -714,6 +935,8 @@ def write_report(report: RankReport, output_dir: Path) -> list[Path]:
             (names["cumulative"], lambda e=entry: plot_cumulative(report, e)),
             (names["spectrum"], lambda e=entry: plot_spectrum(report, e)),
         ]
+        if "score_variance" in names:
+            plots.append((names["score_variance"], lambda e=entry: plot_score_variance(report, e)))
     if files.comparison:
         plots.append((files.comparison, lambda: plot_comparisons(report)))
     written = []
@@ -725,11 +948,18 @@ def write_report(report: RankReport, output_dir: Path) -> list[Path]:
     return written + [output_dir / "report.json", output_dir / "report.md"]
 
 
-def run(paths: Sequence[str | Path], output_dir: Path, variance: str = DEFAULT_VARIANCE) -> tuple[RankReport, list[Path]]:
+def run(
+    paths: Sequence[str | Path],
+    output_dir: Path,
+    variance: str = DEFAULT_VARIANCE,
+    dims: str = DEFAULT_DIMS,
+    progress: Progress | None = None,
+) -> tuple[RankReport, list[Path]]:
     """The whole command: check the settings and the output folder, load, compute, write."""
     thresholds = parse_variance(variance)
+    fractions = parse_dims(dims)
     ensure_writable_dir(Path(output_dir))  # before any work
-    report = build_report(load_calibrations(paths), thresholds)
+    report = build_report(load_calibrations(paths), thresholds, fractions, progress)
     return report, write_report(report, output_dir)
 
 
@@ -779,4 +1009,24 @@ def terminal_tables(report: RankReport) -> list:
                     f"{c.agreement.mean():.3f}", f"{c.captured.mean():.3f}", f"{c.own.mean():.3f}",
                 )
         tables.append(pairs)
-    return tables
+    return tables + _terminal_score_variance(report, names)
+
+
+def _terminal_score_variance(report: RankReport, names: Sequence[str]) -> list:
+    from rich.table import Table
+
+    notes = [f"{name}: {NO_QUERIES_NOTE}" for name, e in zip(names, report.entries) if e.score_variance is None]
+    if len(notes) == len(report.entries):
+        return notes
+    table = Table(title=f"score variance captured by truncated scores, of D = {report.facts.head_dim}; means over layers and heads")
+    for col in ("file", "keys"):
+        table.add_column(col)
+    for col in ("d", "key variance", *(BASIS_LABEL[b] for b in BASES)):
+        table.add_column(col, justify="right")
+    for name, entry in zip(names, report.entries):
+        for sv in entry.score_variance or ():
+            table.add_row(
+                name, KIND_LABEL[sv.kind], str(sv.d), f"{sv.key_variance.mean():.3f}",
+                *(f"{sv.captured[b].mean():.3f}" for b in BASES),
+            )
+    return [table, *notes]
