@@ -59,6 +59,7 @@ def test_query_aware_never_worse_than_its_start_or_pca_on_random_problems():
     pca = torch.linalg.eigh(c)[1].flip(-1)[..., :4]
     e_qa = bases.truncation_error(u, c, s)
     assert bool((e_qa <= bases.truncation_error(start, c, s) + 1e-12).all())
+    assert bool((e_qa <= bases.truncation_error(pca, c, s) + 1e-12).all())
     assert float(e_qa.mean()) < 0.9 * float(bases.truncation_error(pca, c, s).mean())
     torch.testing.assert_close(u.transpose(-1, -2) @ u, torch.eye(4, dtype=torch.float64).expand(12, 4, 4), atol=1e-10, rtol=0)
 

@@ -9,8 +9,8 @@ the span of U (D x d, orthonormal, projector Pi = U U^T) leaves the score error
 
 - `pca` (Loki): the top-d eigenvectors of C. Optimal when queries weigh all directions alike (S = sI).
 - `query-aware` (`qa`): U minimising E(U) itself, found by gradient descent on the Stiefel manifold
-  started from the top eigenvectors of (CS + SC)/2 (the exact answer when C and S commute:
-  keep the d directions with the largest c_i s_i). Same cache, same cost as Loki: keys are stored
+  started from the better of PCA and the top eigenvectors of (CS + SC)/2 (the exact answer when
+  C and S commute: keep the d directions with the largest c_i s_i); never worse than PCA. Same cache, same cost as Loki: keys are stored
   rotated and the first d dimensions are read.
 - `random`: a Haar-random orthonormal basis: what any basis must beat.
 
@@ -77,22 +77,25 @@ def _orthonormalize(w: torch.Tensor) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
-def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 200) -> torch.Tensor:
+def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 300) -> torch.Tensor:
     """Orthonormal U [..., D, d] minimising tr((I-UU^T) C (I-UU^T) S), batched over leading dims.
 
     Riemannian gradient descent on the Stiefel manifold with a QR retraction and a per-problem
-    step that halves on any increase, so the error never goes up from the starting point
-    (the top-d eigenvectors of (CS + SC)/2)."""
+    step that halves on any increase, so the error never goes up from the starting point: the
+    better of the top-d eigenvectors of (CS + SC)/2 and of C (PCA)."""
     c, s = c.to(torch.float64), s.to(torch.float64)
     scale = trace_product(c, s).clamp_min(1e-30)[..., None, None]
     c = c / scale  # the error becomes a fraction of tr(CS): one step size suits every problem
     m = c @ s + s @ c
-    _, vectors = torch.linalg.eigh(m / 2)
-    u = vectors.flip(-1)[..., :d]
     if d == c.shape[-1]:
-        return u
+        return torch.linalg.eigh(m / 2)[1].flip(-1)
     total = trace_product(c, s)  # = 1 after scaling, up to rounding
-    err = truncation_error(u, c, s, total)
+    # start from the better of the two closed forms, so the result is never worse than PCA
+    starts = [torch.linalg.eigh(x)[1].flip(-1)[..., :d] for x in (m / 2, c)]
+    errs = [truncation_error(x, c, s, total) for x in starts]
+    pick = errs[0] <= errs[1]
+    u = torch.where(pick[..., None, None], starts[0], starts[1])
+    err = torch.minimum(errs[0], errs[1])
     step = torch.ones_like(err)
     for _ in range(steps):
         cu, su = c @ u, s @ u
