@@ -81,8 +81,8 @@ def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 
     """Orthonormal U [..., D, d] minimising tr((I-UU^T) C (I-UU^T) S), batched over leading dims.
 
     Riemannian gradient descent on the Stiefel manifold with a QR retraction and a per-problem
-    step that halves on any increase, so the error never goes up from the starting point: the
-    better of the top-d eigenvectors of (CS + SC)/2 and of C (PCA)."""
+    step that halves on any increase, run from two starting points, the top-d eigenvectors of
+    (CS + SC)/2 and of C (PCA); the better end point is returned, so it is never worse than PCA."""
     c, s = c.to(torch.float64), s.to(torch.float64)
     scale = trace_product(c, s).clamp_min(1e-30)[..., None, None]
     c = c / scale  # the error becomes a fraction of tr(CS): one step size suits every problem
@@ -90,12 +90,11 @@ def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 
     if d == c.shape[-1]:
         return torch.linalg.eigh(m / 2)[1].flip(-1)
     total = trace_product(c, s)  # = 1 after scaling, up to rounding
-    # start from the better of the two closed forms, so the result is never worse than PCA
-    starts = [torch.linalg.eigh(x)[1].flip(-1)[..., :d] for x in (m / 2, c)]
-    errs = [truncation_error(x, c, s, total) for x in starts]
-    pick = errs[0] <= errs[1]
-    u = torch.where(pick[..., None, None], starts[0], starts[1])
-    err = torch.minimum(errs[0], errs[1])
+    # Descend from both closed forms at once (leading dim 2) and keep the better end point: a
+    # tilted start can sit far above PCA, and PCA itself can be a poor stationary point.
+    u = torch.stack([torch.linalg.eigh(x)[1].flip(-1)[..., :d] for x in (m / 2, c)])
+    c, s, m, total = c[None], s[None], m[None], total[None]
+    err = truncation_error(u, c, s, total)
     step = torch.ones_like(err)
     for _ in range(steps):
         cu, su = c @ u, s @ u
@@ -109,6 +108,7 @@ def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 
         u = torch.where(better[..., None, None], candidate, u)
         err = torch.where(better, cand_err, err)
         step = torch.where(better, step * 1.2, step / 2)
+    return torch.where((err[0] <= err[1])[..., None, None], u[0], u[1])
     return u
 
 
