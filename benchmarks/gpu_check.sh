@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One GPU check of the Loki decode kernels, run from the repository root on a CUDA machine:
+#   1. tests/test_kernels.py compiled for the GPU (TRITON_INTERPRET unset),
+#   2. `lokitool bench` at the shapes of issue 5 (llama2-13b attention: H=40, D=128, fp16,
+#      kf = df = 0.25, batch 1 and 16, context 4096 / 16384 / 65536), after a GQA point and a
+#      comparison of loki-triton's two key layouts.
+# Logs, bench.csv, bench.json and bench.png go to $OUT (default runs/gpu_check).
+# The package is put on the path through a shadow tree (src/lokitool + kernels/ as
+# lokitool.kernels), so nothing is installed; set PYTHON to choose the interpreter.
+# Quick mode: QUICK=1 benchmarks only B=16 at 4096 and 16384.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+shadow=$(mktemp -d)
+mkdir -p "$shadow/lokitool"
+for f in src/lokitool/*; do ln -s "$PWD/$f" "$shadow/lokitool/"; done
+ln -s "$PWD/kernels" "$shadow/lokitool/kernels"
+export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.log"
+
+status=0
+echo "== kernel tests (compiled) =="
+$PY -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
+
+echo "== kernel configs, registers, spills =="
+$PY benchmarks/kernel_info.py 2>&1 | tee "$OUT/kernel_info.log" || status=1
+
+echo "== bench =="
+if [ "${QUICK:-0}" = 1 ]; then
+  BATCH=16; SEQ=4096,16384
+else
+  BATCH=1,16; SEQ=4096,16384,65536
+fi
+# GQA with a shared selection per KV head, and loki-triton on the plain key layout, first; the
+# main run last, so bench.png shows it.
+{
+  $PY -m lokitool bench --model llama3-8b --batch-size 16 --seq-len 16384 --group kv --output-path "$OUT" --no-plot
+  $PY -m lokitool bench --model llama2-13b --batch-size 16 --seq-len 4096,16384 --methods loki-triton --layout plain \
+    --output-path "$OUT" --no-plot
+} 2>&1 | tee "$OUT/bench_extra.log" || status=1
+$PY -m lokitool bench --model llama2-13b --batch-size "$BATCH" --seq-len "$SEQ" --kf 0.25 --df 0.25 \
+  --dtype float16 --methods sdpa,loki-torch,loki-triton --layout split --output-path "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+exit $status

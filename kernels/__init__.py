@@ -1,0 +1,20 @@
+"""Triton kernels for Loki decode (installed as `lokitool.kernels`; needs triton, imported here).
+
+One file per kernel family, each read top to bottom: jit helpers, autotune configs, kernel,
+launcher, public wrapper. `import lokitool` never imports this package.
+"""
+
+if __name__ == "lokitool.kernels":
+    from .attention import sparse_decode_attention
+    from .layout import LokiKeys, joined, split_keys
+    from .loki_decode import check_inputs, loki_decode
+    from .score import loki_scores
+    from .select import kept_mask, max_budget, select_topk
+
+    __all__ = [
+        "LokiKeys", "check_inputs", "joined", "kept_mask", "loki_decode", "loki_scores", "max_budget", "select_topk",
+        "sparse_decode_attention", "split_keys",
+    ]
+# Else this folder was found as a top-level `kernels` (the repository root on sys.path, as under
+# `python -m pytest`): transformers imports `kernels` to probe for the Hugging Face package of that
+# name. Loading nothing (and no __version__) makes it conclude that package is absent.

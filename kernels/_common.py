@@ -1,0 +1,57 @@
+"""Small helpers shared by the Loki kernel files: autotune pruning, padding, a dot for the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pow2(x: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(int(x)))
+
+
+def autotuning() -> bool:
+    """Autotune on the GPU unless LOKITOOL_AUTOTUNE=0 (tests set it: one compile per shape)."""
+    return not interpreting() and os.environ.get("LOKITOOL_AUTOTUNE", "1") != "0"
+
+
+def keep_configs(configs: list, ok) -> list:
+    """Configs passing `ok(config)`, in the given order (smallest tiles first). Without autotuning
+    only the last, largest one is kept: the interpreter has nothing to time, and big tiles mean
+    fewer Python-level steps there."""
+    kept = [c for c in configs if ok(c)] or configs[:1]
+    return kept if autotuning() else kept[-1:]
+
+
+def launch_args(named_args: dict, kwargs: dict) -> dict:
+    """The launch arguments as one dict, whether they were passed by position or by keyword."""
+    return {**named_args, **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------
+# JIT helpers shared by the kernel files
+
+
+@triton.jit
+def dot_f32(a, b, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation. UPCAST is set only under the CPU interpreter for bfloat16,
+    which it would multiply as raw uint16 bits (triton 3.9): bf16 -> fp32 is exact, so the result
+    matches the GPU's bf16 MMA."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+def upcast_dot(dtype) -> bool:
+    import torch
+
+    return interpreting() and dtype == torch.bfloat16

@@ -1,0 +1,121 @@
+"""`lokitool bench` on the CPU: the no-GPU message, presets, flags, the CSV and the reference path."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from lokitool import bench, loki
+from lokitool.cli import main
+from lokitool.errors import UserError
+
+
+def run_cli(args, capsys):
+    """(exit code, stdout, stderr) of `lokitool ARGS`."""
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_without_gpu_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(["bench", "--output-path", str(tmp_path)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--device cpu" in lines[0], err
+    assert not (tmp_path / "bench.csv").exists()
+
+
+def test_cpu_run_appends_rows_with_the_documented_columns(capsys, tmp_path):
+    args = ["bench", "--device", "cpu", "--model", "smollm2-135m", "--batch-size", "2", "--seq-len", "48,100",
+            "--output-path", str(tmp_path)]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    with (tmp_path / "bench.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    required = {"gpu", "method", "batch", "heads", "kv_heads", "head_dim", "seq_len", "kf", "df", "dtype",
+                "median_ms", "gbps", "speedup_vs_sdpa", "torch", "triton"}
+    assert required <= set(bench.CSV_COLUMNS)
+    assert [(r["method"], r["seq_len"]) for r in rows] == [
+        (m, s) for s in ("48", "100") for m in ("sdpa", "loki-torch", "loki-triton")
+    ]
+    for r in rows:
+        assert (r["heads"], r["kv_heads"], r["head_dim"], r["batch"], r["dtype"]) == ("9", "3", "64", "2", "float16")
+        assert r["torch"] == torch.__version__ and r["gpu"].startswith("cpu")
+        if r["method"] == "loki-triton":
+            assert r["note"] == "skipped: needs a CUDA GPU" and r["median_ms"] == ""
+        else:
+            assert float(r["median_ms"]) > 0 and float(r["p10_ms"]) <= float(r["median_ms"]) <= float(r["p90_ms"])
+            assert float(r["gbps"]) > 0
+    torch_rows = [r for r in rows if r["method"] == "loki-torch"]
+    assert all(float(r[c]) > 0 for r in torch_rows for c in ("score_ms", "select_ms", "attn_ms"))
+    assert all(r["speedup_vs_sdpa"] for r in torch_rows)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["num_kv_heads"] == 3
+
+    code, _, err = run_cli(args + ["--methods", "sdpa", "--no-plot"], capsys)
+    assert code == 0, err
+    with (tmp_path / "bench.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows) + 2  # appended, header once
+
+
+def test_presets_and_overrides():
+    assert bench.resolve_shape("llama3-8b", None, None, None) == (32, 8, 128)
+    assert bench.resolve_shape("smollm2-135m", None, None, None) == (9, 3, 64)
+    assert bench.resolve_shape(None, None, None, None) == bench.PRESETS["llama2-13b"] == (40, 40, 128)
+    assert bench.resolve_shape("mistral-7b", 16, None, None) == (16, 8, 128)
+    assert bench.resolve_shape(None, 12, None, 64) == (12, 12, 64)  # --num-heads alone: MHA
+    with pytest.raises(UserError, match="choose one of"):
+        bench.resolve_shape("gpt-5", None, None, None)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "1,x"], "--batch-size takes comma-separated integers"),
+        (["--methods", "sdpa,flash"], "unknown method flash"),
+        (["--num-heads", "10", "--num-kv-heads", "4"], "not a multiple"),
+        (["--kf", "1.5"], "--kf and --df are fractions"),
+        (["--dtype", "float8"], "--dtype float8 is not supported"),
+        (["--group", "layer"], "--group layer"),
+    ],
+)
+def test_bad_flags_fail_in_one_line(args, message, capsys, tmp_path):
+    code, _, err = run_cli(["bench", "--device", "cpu", "--output-path", str(tmp_path), *args], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_csv_with_other_columns_is_not_mixed(tmp_path):
+    (tmp_path / "bench.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="other columns"):
+        bench.append_csv(tmp_path / "bench.csv", [])
+
+
+def test_byte_model_matches_the_issue():
+    """At kf = df = 0.25 with MHA Loki moves 0.375 of the bytes of full attention."""
+    p = bench.Point(16, 40, 40, 128, 4096, 0.25, 32, "head", torch.float16)
+    assert p.loki_bytes / p.kv_bytes == pytest.approx(0.375)
+    assert p.kv_bytes == 16 * 40 * 4096 * 128 * 2 * 2
+
+
+@pytest.mark.parametrize("group", ["head", "kv"])
+def test_loki_torch_reference_equals_the_oracle(group):
+    """The benchmark's loki-torch (gather + SDPA) computes loki.decode_attention."""
+    g = torch.Generator().manual_seed(1)
+    b, h, hkv, s, dim, d, kf = 3, 6, 2, 70, 32, 8, 0.3
+    q = torch.randn(b, h, dim, generator=g)
+    k = torch.randn(b, hkv, s, dim, generator=g)
+    v = torch.randn(b, hkv, s, dim, generator=g)
+    lengths = torch.tensor([70, 1, 33])
+    got = bench.loki_torch_decode(q, k, v, lengths, d=d, kf=kf, scaling=dim**-0.5, group=group)
+    want = loki.decode_attention(q, k, v, lengths, d=d, kf=kf, scaling=dim**-0.5, group=group)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
