@@ -22,6 +22,7 @@ import torch
 from random_model import SHAPES, random_model  # benchmarks/ is on sys.path when run as a script
 
 from lokitool.collect import collect_statistics
+from lokitool.models import LoadedModel
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):

@@ -11,16 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
-PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-
-shadow=$(mktemp -d)
-mkdir -p "$shadow/lokitool"
-for f in src/lokitool/*; do ln -s "$PWD/$f" "$shadow/lokitool/"; done
-ln -s "$PWD/kernels" "$shadow/lokitool/kernels"
-export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv

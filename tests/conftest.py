@@ -37,6 +37,17 @@ def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, nu
     return LoadedModel(model=model, tokenizer=None, facts=facts)
 
 
+def tiny_calibrated(num_heads: int = 6, num_kv_heads: int = 2, head_dim: int = 16, num_layers: int = 2):
+    """A tiny GQA decoder and a calibration made on its own keys (48-token windows of random tokens)."""
+    from lokitool.calibrate import build_calibration
+    from lokitool.collect import collect_statistics
+
+    loaded = tiny_llama(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
+    tokens = random_tokens(4, 48, seed=1)
+    stats = collect_statistics(loaded.model, loaded.facts, tokens, batch_size=2, with_queries=False)
+    return loaded, build_calibration(stats, loaded.facts, {"dataset": "random", "num_tokens": tokens.numel()})
+
+
 def random_tokens(num_windows: int, seq_len: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, vocab, (num_windows, seq_len), generator=g)

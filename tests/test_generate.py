@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import random_tokens, tiny_llama
+from conftest import random_tokens, tiny_calibrated
 from lokitool import generate as gen
 from lokitool import loki
 from lokitool.cache import LokiCache, cache_nbytes
@@ -21,11 +21,7 @@ from lokitool.dispatch import route_attention
 @pytest.fixture(scope="module")
 def tiny_gqa():
     """A GQA decoder (6 query heads over 2 KV heads) and a calibration made on its own keys."""
-    loaded = tiny_llama(num_heads=6, num_kv_heads=2, head_dim=16, num_layers=2)
-    tokens = random_tokens(4, 48, seed=1)
-    stats = collect_statistics(loaded.model, loaded.facts, tokens, batch_size=2, with_queries=False)
-    cal = build_calibration(stats, loaded.facts, {"dataset": "random", "num_tokens": tokens.numel()})
-    return loaded, cal
+    return tiny_calibrated()
 
 
 @pytest.mark.parametrize("loki_prefill", [False, True])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import io
 import json
 import math
 import platform
@@ -42,7 +41,9 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import UserError
+from . import fileio
 from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
+from .options import int_list
 from .loki import decode_budget, dims_for, expand_kv
 
 # Attention shapes (query heads, KV heads, head dim) of well-known models.
@@ -140,13 +141,7 @@ def resolve_shape(preset: str | None, num_heads: int | None, num_kv_heads: int |
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} 4096,16384 (got {text!r})") from None
-    if not values:
-        raise UserError(f"{flag} is empty; give e.g. {flag} 4096,16384")
-    return values
+    return int_list(text, flag)
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -503,19 +498,8 @@ def make_row(method: str, p: Point, res: MethodResult, env: Environment, cfg: Be
 
 
 def append_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    """Append rows to a CSV with CSV_COLUMNS, rewriting it atomically."""
-    old = ""
-    if path.exists():
-        old = path.read_text()
-        header = old.splitlines()[0] if old else ""
-        if header and header.split(",") != CSV_COLUMNS:
-            raise UserError(f"{path} has other columns than this version writes; move it away or choose another --output-path")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    if not old:
-        writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, old + buf.getvalue())
+    """Append rows to a bench.csv with CSV_COLUMNS, rewriting it atomically."""
+    fileio.append_csv(path, CSV_COLUMNS, rows)
 
 
 def plot_latency(csv_path: Path, png_path: Path) -> None:

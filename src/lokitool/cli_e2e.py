@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Optional
 
@@ -12,31 +10,14 @@ from rich.table import Table
 
 from .cli import app, console, out
 from .errors import UserError
+from .fileio import append_csv
+from .options import int_list
 
 CSV_COLUMNS = [
     "device", "model", "method", "batch", "prompt_len", "new_tokens", "kf", "df", "d", "dtype", "per_token_ms", "p10_ms",
     "p90_ms", "tokens_per_s", "speedup_vs_full", "attention_share", "cache_share", "other_share", "prefill_s",
     "cache_mb", "peak_mem_mb", "finite_logits", "torch", "transformers", "triton", "cuda", "lokitool", "git", "timestamp",
 ]
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise UserError(f"{flag} takes comma-separated whole numbers, got {text!r}") from err
-
-
-def _append_csv(path: Path, rows: list[dict]) -> None:
-    from .fileio import write_text_atomic
-
-    old = path.read_text() if path.is_file() else ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    if not old:
-        writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, old + buf.getvalue())
 
 
 def _fmt(x, spec: str) -> str:
@@ -77,7 +58,7 @@ def bench_e2e_command(
             calibration=str(calibration) if calibration else None, basis=basis, group=group, warmup=warmup,
             profile_tokens=profile_tokens, prefill_chunk=prefill_chunk,
         )
-        for b in _ints(batch_size, "--batch-size") for p in _ints(prompt_len, "--prompt-len")
+        for b in int_list(batch_size, "--batch-size") for p in int_list(prompt_len, "--prompt-len")
     ]
     ensure_writable_dir(output_path)
     with console.status(f"loading {model}"):
@@ -92,7 +73,7 @@ def bench_e2e_command(
             torch.cuda.empty_cache()
             continue
         rows.extend(got)
-        _append_csv(output_path / "e2e.csv", got)
+        append_csv(output_path / "e2e.csv", CSV_COLUMNS, got)
         write_json_atomic(output_path / "e2e.json", {"configs": [e2e.config_dict(c) for c in configs], "results": rows})
 
     if not rows:

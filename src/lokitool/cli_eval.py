@@ -10,17 +10,7 @@ from rich.table import Table
 
 from .cli import app, console, out
 from .errors import UserError
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from err
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+from .options import float_list, word_list
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -59,13 +49,13 @@ def eval_command(
     if not ppl:
         raise UserError("say what to evaluate: --ppl")
     try:
-        sinks = tuple(int(x) for x in _words(sink))
+        sinks = tuple(int(x) for x in word_list(sink))
     except ValueError as err:
         raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
     config = evaluate.EvalConfig(
-        model=model, calibration=calibration, dataset=dataset, methods=_words(methods),
-        kf=_floats(kf, "--kf"), df=_floats(df, "--df") if not variance else (), variance=_floats(variance, "--variance"),
-        basis=_words(basis), budget=_words(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
+        model=model, calibration=calibration, dataset=dataset, methods=word_list(methods),
+        kf=float_list(kf, "--kf"), df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
+        basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
         batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos,
     )
     specs = config.specs()  # validates every point before anything slow

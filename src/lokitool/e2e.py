@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import __version__, bases
+from . import __version__
 from . import generate as gen
 from .cache import LokiCache, cache_nbytes
 from .calibration import Calibration

@@ -58,3 +58,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Append rows to a CSV with these columns (header first if new), rewriting it atomically.
+    Refuses a file whose header names other columns, rather than mixing layouts."""
+    import csv
+    import io
+
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    header = old.splitlines()[0] if old else ""
+    if header and header.split(",") != list(columns):
+        raise UserError(f"{path} has other columns than this version writes; move it away or choose another --output-path")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, old + buf.getvalue())
