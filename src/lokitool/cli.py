@@ -58,7 +58,7 @@ def calibrate(
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with the BOS token."),
     queries: bool = typer.Option(True, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
-    device_map: Optional[str] = typer.Option(None, help="`auto`: spread a model too large for one GPU over all visible GPUs (accelerate)."),
+    device_map: Optional[str] = typer.Option(None, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
     import contextlib
@@ -107,18 +107,13 @@ def calibrate(
     )
 
 
-def _register_optional_commands() -> None:
-    """Commands living in their own modules; each registers itself on `app`."""
-    for name in ("cli_report", "cli_eval", "cli_bench", "cli_generate", "cli_e2e"):
-        try:
-            __import__(f"{__package__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__package__}.{name}":
-                raise
+def _register_commands() -> None:
+    """The other commands live in modules of their own, each registering itself on `app`."""
+    from . import cli_bench, cli_e2e, cli_eval, cli_generate, cli_report  # noqa: F401
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    _register_optional_commands()
+    _register_commands()
     try:
         app(args=argv)
     except UserError as err:
