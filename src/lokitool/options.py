@@ -18,7 +18,7 @@ def _parse_list(text: str, flag: str, convert: Callable[[str], T], kind: str, ex
 
 
 def int_list(text: str, flag: str, example: str = "4096,16384") -> tuple[int, ...]:
-    values = _parse_list(text, flag, int, "whole numbers", example)
+    values = _parse_list(text, flag, int, "integers", example)
     if not values:
         raise UserError(f"{flag} is empty; give e.g. {flag} {example}")
     return values
