@@ -27,6 +27,24 @@ from .models import ModelFacts, attention_modules, pre_rope_key_module, pre_rope
 KINDS = ("pre", "post")
 
 
+def gram(flat: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum of outer products per head: [H, N, D] -> [H, D, D].
+
+    One [D, N] x [N, D] product per head has a tiny output and a long reduction, which a batched
+    GEMM runs on a handful of GPU multiprocessors; cutting N into chunks (summed afterwards) gives
+    it H x N / chunk independent products to spread over the card."""
+    h, n, d = flat.shape
+    full = n // chunk * chunk
+    if full == 0:
+        return flat.transpose(1, 2) @ flat
+    parts = flat[:, :full].reshape(h, n // chunk, chunk, d)
+    out = (parts.transpose(-1, -2) @ parts).sum(1)
+    if full < n:
+        rest = flat[:, full:]
+        out += rest.transpose(1, 2) @ rest
+    return out
+
+
 @dataclass
 class MomentSums:
     """Count, sum and sum of outer products of D-vectors, per (layer, head); float64."""
@@ -50,7 +68,7 @@ class MomentSums:
         self.count[layer] += x.shape[0] * x.shape[2]
         self.total[layer] += x.sum(dim=(0, 2))
         flat = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])  # [H, B*N, D]
-        self.outer[layer] += flat.transpose(1, 2) @ flat
+        self.outer[layer] += gram(flat)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.count, self.total, self.outer]
