@@ -27,7 +27,7 @@ def eval_command(
     kf: str = typer.Option("0.25", help="Token budget fraction(s), comma-separated: a sweep."),
     df: str = typer.Option("0.25", help="Dimension budget fraction(s) for loki / random-basis."),
     variance: str = typer.Option("", help="Instead of --df: per-layer d from explained-variance threshold(s)."),
-    basis: str = typer.Option("post", help="PCA basis for loki: pre, post, or both (pre,post)."),
+    basis: str = typer.Option("post", help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware)."),
     budget: str = typer.Option("per-row", help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
     sink: str = typer.Option("0", help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
     group: str = typer.Option("head", help="Selection per query head (head) or shared per KV head (kv)."),
