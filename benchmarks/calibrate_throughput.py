@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from random_model import SHAPES, random_model  # benchmarks/ is on sys.path when run as a script
-
+from lokitool.e2e import PRESETS, random_model
 from lokitool.collect import collect_statistics
 from lokitool.models import LoadedModel
 
@@ -56,7 +55,7 @@ def timed(fn, device: str, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model spec for lokitool.models.load_model")
-    parser.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random-weight model of this shape")
+    parser.add_argument("--shape", default=None, choices=sorted(PRESETS), help="random-weight model of this shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--num-tokens", type=int, default=8192)
@@ -68,7 +67,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     if args.shape:
-        loaded = random_model(args.shape, args.device, dtype)
+        loaded = random_model(args.shape, torch.device(args.device), dtype)
     else:
         from lokitool.models import load_model
 

@@ -30,7 +30,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from . import __version__
 from .errors import UserError
 from . import fileio
 from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
-from .options import int_list
+from .provenance import git_hash
 from .loki import decode_budget, dims_for, expand_kv
 
 # Attention shapes (query heads, KV heads, head dim) of well-known models.
@@ -140,14 +139,6 @@ def resolve_shape(preset: str | None, num_heads: int | None, num_kv_heads: int |
     return num_heads or h, num_kv_heads or hkv, head_dim or d
 
 
-def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
-    return int_list(text, flag)
-
-
-def parse_methods(text: str) -> tuple[str, ...]:
-    return tuple(m.strip() for m in text.split(",") if m.strip())
-
-
 # ----------------------------------------------------------------------------------------------
 # Environment
 
@@ -161,15 +152,6 @@ class Environment:
     lokitool: str
     git: str
     copy_gbps: float | None = None  # measured device-to-device copy, bytes read + written
-
-
-def _git_hash() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _triton_version() -> str:
@@ -192,7 +174,7 @@ def resolve_device(device: str) -> torch.device:
 def environment(device: torch.device) -> Environment:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     return Environment(gpu=gpu, torch=torch.__version__, triton=_triton_version(), cuda=torch.version.cuda or "none",
-                       lokitool=__version__, git=_git_hash())
+                       lokitool=__version__, git=git_hash(short=True) or "unknown")
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__, pca
+from . import pca
 from .calibration import Calibration
 from .collect import KINDS, Statistics, collect_statistics
 from .config import CalibrateConfig
@@ -17,6 +17,7 @@ from .data import Windows, resolve_dataset_spec, token_windows
 from .errors import UserError
 from .fileio import check_output_file
 from .models import LoadedModel, ModelFacts, load_model
+from .provenance import versions
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,6 @@ def build_calibration(stats: Statistics, facts: ModelFacts, info: dict) -> Calib
         n = sums.count.clamp_min(1)[..., None, None]
         moments[kind] = (sums.outer / n).cpu()
     return Calibration(facts=facts, info=info, pca=fitted, query_moment=moments)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"lokitool": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def prepare(config: CalibrateConfig) -> CalibrationJob:

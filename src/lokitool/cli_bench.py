@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli import app, console, out
+from .options import int_list, word_list
 
 
 @app.command("bench")
@@ -51,8 +52,8 @@ def bench(
     heads, kv_heads, dim = lib.resolve_shape(model, num_heads, num_kv_heads, head_dim)
     config = lib.BenchConfig(
         num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
-        batch_sizes=lib.parse_int_list(batch_size, "--batch-size"), seq_lens=lib.parse_int_list(seq_len, "--seq-len"),
-        kf=kf, df=df, dtype=dtype, methods=lib.parse_methods(methods), group=group, layout=layout, output_path=output_path,
+        batch_sizes=int_list(batch_size, "--batch-size"), seq_lens=int_list(seq_len, "--seq-len"),
+        kf=kf, df=df, dtype=dtype, methods=word_list(methods), group=group, layout=layout, output_path=output_path,
         device=device, preset=model, plot=plot,
     )
     result = lib.run(config, progress=lambda msg: console.print(f"  {msg}", highlight=False))

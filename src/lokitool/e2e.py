@@ -25,11 +25,9 @@ import datetime as _dt
 import gc
 import platform
 import statistics
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -42,6 +40,7 @@ from .calibration import Calibration
 from .dispatch import route_attention, sdpa_attention
 from .errors import UserError
 from .models import LoadedModel, load_model, read_facts, resolve_device, resolve_dtype
+from .provenance import git_hash
 
 METHODS = ("full", "full-prealloc", "loki")
 
@@ -51,6 +50,12 @@ PRESETS: dict[str, dict] = {
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
+    # calibration benchmarks (benchmarks/random_model.py); the SmolLM2 vocabulary, so the embedded
+    # tokenizer can feed them
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=49152, max_position_embeddings=8192),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
 }
@@ -256,14 +261,6 @@ def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: tor
 # The run
 
 
-def _git_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def environment(device: torch.device) -> dict:
     import transformers
 
@@ -273,7 +270,7 @@ def environment(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.version.cuda,
         "lokitool": __version__,
-        "git": _git_hash(),
+        "git": git_hash(short=True) or "unknown",
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

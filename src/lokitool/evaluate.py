@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,6 +16,7 @@ from .calibration import Calibration
 from .errors import UserError
 from .fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from .models import LoadedModel
+from .provenance import git_hash, versions
 
 
 @dataclass(frozen=True)
@@ -152,14 +152,6 @@ def _null_unused(result: Result) -> dict:
     return d
 
 
-def git_hash() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def run(
     config: EvalConfig,
     loaded: LoadedModel,
@@ -178,7 +170,6 @@ def run(
 
 def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibration | None, dataset: str, results: list[Result]) -> Path:
     """results_<date>.json (kept) and results.json (the newest), atomically; a sweep plot when several points."""
-    from .calibrate import versions
 
     out_dir = ensure_writable_dir(config.output_path)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

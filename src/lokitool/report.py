@@ -37,7 +37,6 @@ import datetime as _dt
 import json
 import math
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,6 +49,7 @@ from .errors import UserError
 from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
 from .models import ModelFacts
 from .pca import PCA, explained_variance_ratio, rank_at_variance
+from .provenance import git_hash
 
 DEFAULT_VARIANCE = "0.8,0.9,0.95"
 DEFAULT_DIMS = "0.25,0.5"
@@ -333,25 +333,13 @@ def mean_rank(entry: Entry, kind: str, v: float) -> torch.Tensor:
 # report.json
 
 
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
 def _generated() -> dict[str, Any]:
     from . import __version__
 
     return {
         "lokitool": __version__,
         "torch": torch.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_hash(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
