@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU check of the Loki decode kernels, run from the repository root on a CUDA machine:
-#   1. tests/test_kernels.py compiled for the GPU (TRITON_INTERPRET unset),
+#   1. tests/test_kernels.py and tests/test_prefill.py compiled for the GPU (TRITON_INTERPRET unset),
 #   2. `lokitool bench` at the shapes of issue 5 (llama2-13b attention: H=40, D=128, fp16,
 #      kf = df = 0.25, batch 1 and 16, context 4096 / 16384 / 65536), after a GQA point and a
-#      comparison of loki-triton's two key layouts.
+#      comparison of loki-triton's two key layouts,
+#   3. seconds per 4096-token window of `eval --ppl` on a random-weight llama2-7b, torch reference
+#      against the Triton path (benchmarks/eval_speed.py; skipped with EVAL=0).
 # Logs, bench.csv, bench.json and bench.png go to $OUT (default runs/gpu_check).
 # The package is put on the path through a shadow tree (src/lokitool + kernels/ as
 # lokitool.kernels), so nothing is installed; set PYTHON to choose the interpreter.
@@ -21,7 +23,7 @@ source benchmarks/gpu_env.sh
 
 status=0
 echo "== kernel tests (compiled) =="
-$PY -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
+$PY -m pytest tests/test_kernels.py tests/test_prefill.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
 
 echo "== kernel configs, registers, spills =="
 $PY benchmarks/kernel_info.py 2>&1 | tee "$OUT/kernel_info.log" || status=1
@@ -41,4 +43,8 @@ fi
 } 2>&1 | tee "$OUT/bench_extra.log" || status=1
 $PY -m lokitool bench --model llama2-13b --batch-size "$BATCH" --seq-len "$SEQ" --kf 0.25 --df 0.25 \
   --dtype float16 --methods sdpa,loki-torch,loki-triton --layout split --output-path "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+if [ "${EVAL:-1}" = 1 ]; then
+  echo "== eval --ppl speed =="
+  $PY benchmarks/eval_speed.py --preset llama2-7b --seq-len 4096 --out "$OUT" 2>&1 | tee "$OUT/eval_speed.log" || status=1
+fi
 exit $status

@@ -146,10 +146,18 @@ def _scores_of(kind, shape, seed):
         return torch.full(shape, -0.7)
     if kind == "signed-zeros":  # -0.0 and +0.0 compare equal
         return torch.where(torch.rand(shape, generator=g) < 0.5, torch.tensor(0.0), torch.tensor(-0.0))
+    if kind == "infinities":  # sinks forced in (+inf), masked keys (-inf): no float midpoints
+        x = torch.randn(shape, generator=g)
+        x[..., :3] = float("inf")
+        x[..., 5:9] = float("-inf")
+        return x
+    if kind == "extreme":  # float32's whole range, denormals included
+        x = torch.randn(shape, generator=g).sign() * torch.exp2(torch.randint(-148, 127, shape, generator=g).float())
+        return x * torch.rand(shape, generator=g).add(1.0)
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros"])
+@pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
 @pytest.mark.parametrize("block_cap", [128, 16384], ids=["tile128", "registers"])
 @pytest.mark.parametrize("kf", [1e-4, 0.3, 1.0], ids=["k=1", "kf=.3", "k=length"])
 def test_select_is_exact_topk(kind, block_cap, kf):

@@ -96,7 +96,7 @@ def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelF
     return torch.stack([by_d[d][i] for i, d in enumerate(dims)]).float()
 
 
-def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats):
+def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats, backend: str):
     """The attention function of one layer: (q, k, v, scaling) -> [B, H, Sq, D] float32."""
     common = dict(kf=spec.kf, budget=spec.budget, sink=spec.sink, stats=stats)
     if spec.method == "h2o":
@@ -107,16 +107,39 @@ def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None
         selector = loki.loki_selector(basis, d, name=spec.method)
     else:
         selector = loki.full_selector()
-    return lambda q, k, v, scaling: loki.sparse_attention(
+    sparse = loki.sparse_attention
+    if backend == "triton" and selector.score is not None:
+        from .kernels.loki_prefill import sparse_prefill as sparse
+    return lambda q, k, v, scaling: sparse(
         q, k, v, selector=selector, scaling=scaling, group=spec.group, compare_exact=spec.method in LOW_RANK, **common
     )
 
 
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`torch` (the reference, any device) or `triton` (the kernels: selection and sparse attention);
+    `auto` takes triton on a CUDA device with a 16-bit model."""
+    kernel_dtype = dtype in (torch.float16, torch.bfloat16)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and kernel_dtype else "torch"
+    if backend == "torch":
+        return backend
+    if backend != "triton":
+        raise UserError(f"--backend must be auto, torch or triton, got {backend!r}")
+    from .kernels._common import interpreting
+
+    if device.type != "cuda" and not interpreting():
+        raise UserError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")
+    if not kernel_dtype:
+        raise UserError(f"--backend triton needs a 16-bit model, got {str(dtype).removeprefix('torch.')}: add --dtype bfloat16")
+    return backend
+
+
 @contextlib.contextmanager
 def patched(
-    model: nn.Module, facts: ModelFacts, spec: MethodSpec, calibration: Calibration | None = None
+    model: nn.Module, facts: ModelFacts, spec: MethodSpec, calibration: Calibration | None = None, backend: str = "torch"
 ) -> Iterator[Recorder]:
-    """Run the model's attention through `spec` while the block runs; yields the per-layer stats."""
+    """Run the model's attention through `spec` while the block runs; yields the per-layer stats.
+    backend: `torch` (loki.py, the reference) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
     if calibration is not None:
         calibration.check_model(facts)
     recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)])
@@ -128,7 +151,7 @@ def patched(
     def make_handler(module: nn.Module):
         i = layers.index(module)
         basis = layer_basis[i].to(next(module.parameters()).device) if layer_basis is not None else None
-        attend = _layer_attention(spec, basis, dims[i], recorder.layers[i])
+        attend = _layer_attention(spec, basis, dims[i], recorder.layers[i], backend)
 
         def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5

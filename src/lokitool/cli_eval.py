@@ -38,9 +38,11 @@ def eval_command(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with BOS."),
+    backend: str = typer.Option("auto", help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
 ) -> None:
     """Perplexity with full attention, Loki and baselines, on held-out text."""
     from . import evaluate
+    from .attention import resolve_backend
     from .calibrate import load_windows
     from .calibration import Calibration
     from .fileio import ensure_writable_dir
@@ -56,7 +58,7 @@ def eval_command(
         model=model, calibration=calibration, dataset=dataset, methods=word_list(methods),
         kf=float_list(kf, "--kf"), df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
         basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
-        batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos,
+        batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos, backend=backend,
     )
     specs = config.specs()  # validates every point before anything slow
     ensure_writable_dir(output_path)
@@ -73,6 +75,8 @@ def eval_command(
     def report(r) -> None:
         console.print(f"  {evaluate._label(r):<32} ppl {r.perplexity:9.3f}  kept {_fmt(r.kept_fraction)}  ({r.seconds:.0f} s)")
 
+    param = next(loaded.model.parameters())
+    console.print(f"sparse attention by {resolve_backend(backend, param.device, param.dtype)} ({param.device}, {str(param.dtype).removeprefix('torch.')})")
     results = evaluate.run(config, loaded, windows.tokens, cal, on_result=report)
     path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
 

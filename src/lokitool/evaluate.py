@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .attention import LOW_RANK, METHODS, MethodSpec, patched
+from .attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
 from .bases import BASES
 from .calibration import Calibration
 from .errors import UserError
@@ -39,6 +39,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     bos: bool = True
+    backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -55,6 +56,8 @@ class EvalConfig:
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
             raise UserError("low-rank methods need --df or --variance")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise UserError(f"--backend must be auto, torch or triton, got {self.backend!r}")
         if "loki" in self.methods and self.calibration is None:
             raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
 
@@ -98,6 +101,7 @@ class Result:
     jaccard: float | None
     jaccard_per_layer: list[float | None] | None
     seconds: float
+    backend: str | None  # what ran the sparse attention (None for full: the model's own)
 
 
 @torch.inference_mode()
@@ -114,15 +118,21 @@ def window_nll(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) ->
     return total, count
 
 
-def evaluate_spec(loaded: LoadedModel, tokens: torch.Tensor, spec: MethodSpec, calibration: Calibration | None, batch_size: int) -> Result:
+def evaluate_spec(
+    loaded: LoadedModel, tokens: torch.Tensor, spec: MethodSpec, calibration: Calibration | None, batch_size: int, backend: str = "torch"
+) -> Result:
+    """One point. backend: `torch` or `triton` (resolved: see attention.resolve_backend)."""
     import time
 
     start = time.perf_counter()
     if spec.method == "full":
         nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
         kept, jaccard, per_layer = 1.0, None, None
+        backend = None
     else:
-        with patched(loaded.model, loaded.facts, spec, calibration) as recorder:
+        if spec.method == "h2o":
+            backend = "torch"  # no kernel path for H2O's accumulated attention
+        with patched(loaded.model, loaded.facts, spec, calibration, backend) as recorder:
             nll, count = window_nll(loaded.model, tokens, batch_size)
         kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
         per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
@@ -136,6 +146,7 @@ def evaluate_spec(loaded: LoadedModel, tokens: torch.Tensor, spec: MethodSpec, c
         jaccard=jaccard,
         jaccard_per_layer=per_layer,
         seconds=time.perf_counter() - start,
+        backend=backend,
     )
 
 
@@ -159,9 +170,11 @@ def run(
     calibration: Calibration | None,
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
+    param = next(loaded.model.parameters())
+    backend = resolve_backend(config.backend, param.device, param.dtype)
     results = []
     for spec in config.specs():
-        result = evaluate_spec(loaded, tokens, spec, calibration, config.batch_size)
+        result = evaluate_spec(loaded, tokens, spec, calibration, config.batch_size, backend)
         results.append(result)
         if on_result is not None:
             on_result(result)
