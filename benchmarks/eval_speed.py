@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     for spec in specs:
         for backend in ["model"] if spec.method == "full" else args.backends.split(","):
-            evaluate_spec(loaded, tokens[:1, :256], spec, None, 1, backend)  # compile / warm up
+            evaluate_spec(loaded, tokens[:1], spec, None, 1, backend)  # compile and autotune at these shapes
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             r = evaluate_spec(loaded, tokens, spec, None, 1, backend)

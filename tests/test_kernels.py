@@ -176,6 +176,20 @@ def test_select_is_exact_topk(kind, block_cap, kf):
         assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
 
 
+@pytest.mark.parametrize("kind", ["random", "few-values", "infinities", "extreme"])
+def test_select_narrows_then_finishes_in_a_small_tile(kind):
+    """Rows of more than 256 keys first narrow the bracket over all keys, then finish the search
+    among at most BLOCK / 16 compacted keys (more than that only when they all tie)."""
+    s, kf = 1500, 0.3
+    lengths = torch.tensor([1500, 700, 257], dtype=torch.int32)
+    scores = _scores_of(kind, (3, 2, s), seed=7)
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=max_budget(s, kf))
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    assert torch.equal(got, want), f"{(got != want).sum()} disagreements"
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 3: sparse attention with split-K merge
 
