@@ -3,12 +3,9 @@
 Each row (b, r) of float32 scores keeps k_b = max(1, floor(kf x lengths[b])) of its lengths[b]
 tokens. Scores map to order-preserving int32 keys (a negative float becomes minus its magnitude
 bits, so -0.0 and +0.0 tie as floats do). One program per row holds the row's keys in registers
-and finds a threshold t with #(keys >= t) = k, or else the k-th largest key, by searching the
-row's key range in two phases: a few steps over all keys (two thresholds per block reduction, one
-halving the bracket in float value, one in key space) until the bracket holds at most BLOCK / 16
-keys; those are compacted into a small scratch tile where the exact search ends (four thresholds
-per reduction: _kth_key). A step costs its count over the keys it searches, so the narrowing is
-what makes it cheap. The scores are ~1% of the KV bytes and are read once.
+and finds a threshold t with #(keys >= t) = k, or else the k-th largest key, by bisection over the
+key range: each step is one count (compare and add per key, one block reduction), ~20-32 steps,
+stopping early when a count hits k. The scores are ~1% of the KV bytes and are read once.
 Kept indices are then written in token order without a scan over tokens: keys are held as
 [tokens / 32, 32], a 32-bit mask per group of 32 tokens gives each kept token its rank inside the
 group (popcount of the bits below it), and a cumsum over the groups gives the group offsets.
@@ -33,7 +30,6 @@ from ._common import keep_configs, launch_args, pow2
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
-CAP_MIN = 256  # smallest tile the search is finished in (rows of BLOCK > CAP keys: CAP = BLOCK / 16)
 
 # ----------------------------------------------------------------------------------------------
 # JIT helpers
@@ -80,50 +76,13 @@ def _prefix_rank(mask, GROUP: tl.constexpr):
 @triton.jit
 def _kth_key(keys, kk, lo, hi):
     """A threshold t in [lo, hi] with #(keys >= t) = kk if one exists, else the kk-th largest key,
-    given #(keys >= lo) >= kk and that it lies in [lo, hi] (padding keys are INT32_MIN; at most
-    65535 keys). lo, hi int64.
-
-    Each step counts the keys at or above four thresholds in (lo, hi] in one block reduction: the
-    counts are packed into 16-bit fields of one int64 sum (a reduction costs the same for one count
-    or four, and the reductions' latency is what bounds this loop). Three thresholds split the
-    bracket evenly in float value (counts are smooth in the value: ~7 steps for 16384 Gaussian
-    scores, against ~20 for bisection); the fourth halves it in key space, which bounds the steps
-    by 32 when values span many binades (infinities, huge outliers). lo moves up to the highest
-    threshold keeping >= kk keys, hi below the lowest keeping fewer; their order does not matter.
-    Written without helper calls: the CPU interpreter pays for every call inside the loop."""
+    given #(keys >= lo) >= kk and that it lies in [lo, hi] (padding keys are INT32_MIN). lo, hi int64."""
     while lo < hi:
-        lo32 = lo.to(tl.int32)
-        hi32 = hi.to(tl.int32)
-        lf = tl.where(lo32 < 0, (-lo32) | -2147483648, lo32).to(tl.float32, bitcast=True)  # key -> float
-        span = tl.where(hi32 < 0, (-hi32) | -2147483648, hi32).to(tl.float32, bitcast=True) - lf
-        t4 = lo + (hi - lo + 1) // 2  # in (lo, hi]
-        i1 = (lf + span * 0.25).to(tl.int32, bitcast=True)
-        i2 = (lf + span * 0.5).to(tl.int32, bitcast=True)
-        i3 = (lf + span * 0.75).to(tl.int32, bitcast=True)
-        t1 = tl.where(i1 < 0, -(i1 & 0x7FFFFFFF), i1).to(tl.int64)  # float -> key
-        t2 = tl.where(i2 < 0, -(i2 & 0x7FFFFFFF), i2).to(tl.int64)
-        t3 = tl.where(i3 < 0, -(i3 & 0x7FFFFFFF), i3).to(tl.int64)
-        t1 = tl.where((t1 > lo) & (t1 <= hi), t1, t4)  # inf / nan span, or within an ulp
-        t2 = tl.where((t2 > lo) & (t2 <= hi), t2, t4)
-        t3 = tl.where((t3 > lo) & (t3 <= hi), t3, t4)
-        packed = (
-            tl.where(keys >= t1.to(tl.int32), 1, 0).to(tl.int64)
-            + tl.where(keys >= t2.to(tl.int32), 1 << 16, 0).to(tl.int64)
-            + tl.where(keys >= t3.to(tl.int32), 1 << 32, 0).to(tl.int64)
-            + tl.where(keys >= t4.to(tl.int32), 1 << 48, 0).to(tl.int64)
-        )
-        counts = tl.sum(packed)
-        c1 = counts & 0xFFFF
-        c2 = (counts >> 16) & 0xFFFF
-        c3 = (counts >> 32) & 0xFFFF
-        c4 = (counts >> 48) & 0xFFFF
-        new_lo = tl.maximum(tl.maximum(tl.where(c1 >= kk, t1, lo), tl.where(c2 >= kk, t2, lo)),
-                            tl.maximum(tl.where(c3 >= kk, t3, lo), tl.where(c4 >= kk, t4, lo)))
-        new_hi = tl.minimum(tl.minimum(tl.where(c1 < kk, t1 - 1, hi), tl.where(c2 < kk, t2 - 1, hi)),
-                            tl.minimum(tl.where(c3 < kk, t3 - 1, hi), tl.where(c4 < kk, t4 - 1, hi)))
-        exact = (c1 == kk) | (c2 == kk) | (c3 == kk) | (c4 == kk)  # then new_lo keeps exactly kk
-        lo = new_lo
-        hi = tl.where(exact, new_lo, new_hi)
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum(tl.where(keys >= mid.to(tl.int32), 1, 0))
+        ok = count >= kk
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(count == kk, mid, tl.where(ok, hi, mid - 1))
     return lo.to(tl.int32)
 
 
@@ -182,18 +141,12 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_configs(), key=["BLOCK"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _select_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr, scratch_ptr,
+    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr,
     stride_sb, stride_sr, stride_ib, stride_ir,
     num_rows,
-    BLOCK: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Rows of at most BLOCK tokens, held in registers; longer rows are left to _select_long_kernel.
-
-    Counting all BLOCK keys is what a search step costs, so the search runs in two phases: cheap
-    steps over all keys only until the bracket [lo, hi] holds at most CAP keys (two thresholds a
-    step, by value and by key, counts packed into one int32 sum), then those keys are compacted
-    into a scratch tile of CAP and the exact search finishes there. Keys above hi (c_up of them)
-    are kept whatever the threshold."""
+    """Rows of at most BLOCK tokens, held in registers; longer rows are left to _select_long_kernel."""
     pid = tl.program_id(0)
     b = (pid // num_rows).to(tl.int64)
     r = pid % num_rows
@@ -203,50 +156,10 @@ def _select_kernel(
         row_ptr = scores_ptr + b * stride_sb + r * stride_sr
         tokens = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK / GROUP, GROUP]
         keys = _load_keys(row_ptr, tokens, n)
-        lo = tl.min(tl.where(tokens < n, keys, 2147483647)).to(tl.int64)  # the bracket: the row's range
-        hi = tl.max(keys).to(tl.int64)
-        c_lo = n  # keys >= lo
-        c_up = n * 0  # keys > hi
-        if BLOCK > CAP:
-            while (lo < hi) & (c_lo - c_up > CAP):
-                lo32 = lo.to(tl.int32)
-                hi32 = hi.to(tl.int32)
-                lf = tl.where(lo32 < 0, (-lo32) | -2147483648, lo32).to(tl.float32, bitcast=True)  # key -> float
-                hf = tl.where(hi32 < 0, (-hi32) | -2147483648, hi32).to(tl.float32, bitcast=True)
-                i1 = (lf + (hf - lf) * 0.5).to(tl.int32, bitcast=True)
-                t2 = lo + (hi - lo + 1) // 2  # in (lo, hi]
-                t1 = tl.where(i1 < 0, -(i1 & 0x7FFFFFFF), i1).to(tl.int64)  # float -> key
-                t1 = tl.where((t1 > lo) & (t1 <= hi), t1, t2)
-                counts = tl.sum(tl.where(keys >= t1.to(tl.int32), 1, 0) + tl.where(keys >= t2.to(tl.int32), 1 << 16, 0))
-                c1 = counts & 0xFFFF
-                c2 = counts >> 16
-                ok1 = c1 >= kk
-                ok2 = c2 >= kk
-                # lo: the higher threshold keeping >= kk keys; hi: below the lower one keeping fewer
-                lo_new = tl.maximum(tl.where(ok1, t1, lo), tl.where(ok2, t2, lo))
-                c_lo = tl.where(lo_new == lo, c_lo, tl.where(ok2 & (t2 == lo_new), c2, c1))
-                hi_new = tl.minimum(tl.where(ok1, hi, t1 - 1), tl.where(ok2, hi, t2 - 1))
-                c_up = tl.where(hi_new == hi, c_up, tl.where(~ok1 & (t1 - 1 == hi_new), c1, c2))
-                exact = (c1 == kk) | (c2 == kk)
-                lo = lo_new
-                hi = tl.where(exact, lo_new, hi_new)
-                c_up = tl.where(exact, kk, c_up)  # exact: kk keys >= lo = hi, nothing left to find
-                c_lo = tl.where(exact, kk, c_lo)
-            # the keys in [lo, hi] (c_lo - c_up <= CAP of them, or all equal), in token order, to scratch
-            inside = (keys >= lo.to(tl.int32)) & (keys <= hi.to(tl.int32))
-            pos, _ = _prefix_rank(inside, GROUP)
-            scratch_row = scratch_ptr + pid.to(tl.int64) * CAP
-            tl.store(scratch_row + pos, keys, mask=inside & (pos < CAP))
-            tl.debug_barrier()  # the tile is read back by other threads of this program
-            tile = tl.arange(0, CAP // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            small = tl.load(scratch_row + tile, mask=tile < tl.minimum(c_lo - c_up, CAP), other=-2147483648)
-        else:
-            small = keys
-        thr = _kth_key(small, kk - c_up, lo, hi)
-        n_gt = c_up + tl.sum(tl.where(small > thr, 1, 0))
-        # more than CAP keys in the bracket only when they all tie at lo = hi = thr: then c_lo
-        n_ge = tl.where(c_lo - c_up > CAP, c_lo, c_up + tl.sum(tl.where(small >= thr, 1, 0)))
-        _emit_row(row_ptr, n, thr, kk - n_gt, n_ge > kk, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+        thr = _kth_key(keys, kk, tl.full([], -2147483647, tl.int64), tl.full([], 2147483647, tl.int64))
+        n_ge = tl.sum(tl.where(keys >= thr, 1, 0))
+        need = kk - tl.sum(tl.where(keys > thr, 1, 0))  # ties to keep, >= 1
+        _emit_row(row_ptr, n, thr, need, n_ge > kk, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
 
 
 @triton.jit
@@ -319,16 +232,15 @@ def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tenso
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
     assert idx.shape[:2] == (b, rows) and idx.dtype == torch.int32 and idx.stride(-1) == 1
-    assert block == triton.next_power_of_2(block) and 128 <= block <= 16384, block  # counts packed in 16 bits
+    assert block == triton.next_power_of_2(block) and block >= 128, block
     common = dict(
         scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, idx_ptr=idx,
         stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
         num_rows=rows, BLOCK=block, GROUP=GROUP,
     )
-    cap = max(CAP_MIN, block // 16)
-    scratch = idx.new_empty(b * rows * max(block if s > block else 0, cap if block > cap else 0, 1))
-    _select_kernel[(b * rows,)](scratch_ptr=scratch, **common, CAP=cap)
+    _select_kernel[(b * rows,)](**common)
     if s > block:
+        scratch = idx.new_empty(b * rows * block)
         _select_long_kernel[(b * rows,)](scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
 
 

@@ -177,9 +177,8 @@ def test_select_is_exact_topk(kind, block_cap, kf):
 
 
 @pytest.mark.parametrize("kind", ["random", "few-values", "infinities", "extreme"])
-def test_select_narrows_then_finishes_in_a_small_tile(kind):
-    """Rows of more than 256 keys first narrow the bracket over all keys, then finish the search
-    among at most BLOCK / 16 compacted keys (more than that only when they all tie)."""
+def test_select_longer_rows(kind):
+    """Rows of a few thousand keys held in registers (2048-key tile), ragged, against exact top-k."""
     s, kf = 1500, 0.3
     lengths = torch.tensor([1500, 700, 257], dtype=torch.int32)
     scores = _scores_of(kind, (3, 2, s), seed=7)
