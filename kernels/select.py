@@ -6,9 +6,13 @@ bits, so -0.0 and +0.0 tie as floats do). One program per row holds the row's ke
 and finds a threshold t with #(keys >= t) = k, or else the k-th largest key, by bisection over the
 key range: each step is one count (compare and add per key, one block reduction), ~20-32 steps,
 stopping early when a count hits k. The scores are ~1% of the KV bytes and are read once.
-Kept indices are then written in token order without a scan over tokens: keys are held as
-[tokens / 32, 32], a 32-bit mask per group of 32 tokens gives each kept token its rank inside the
-group (popcount of the bits below it), and a cumsum over the groups gives the group offsets.
+Kept indices are then written in token order by a second kernel with a program per chunk of 1024
+tokens (the row program stores its threshold and the kept count of each chunk, so a chunk knows
+its offset): keys are held as [tokens / 32, 32], a 32-bit mask per group of 32 tokens gives each
+kept token its rank inside the group (popcount of the bits below it), and a cumsum over the groups
+gives the group offsets. Writing from one program per row instead cost as much as the search.
+Rows with ties at the threshold (more keys equal to it than needed) are written by their row
+program, in token order.
 
 Rows longer than the register tile (BLOCK) go to a second kernel: a 512-bin histogram of the top 9
 key bits (sign and exponent), then 32-bin histograms of 5 more bits while the bucket holding the
@@ -30,6 +34,7 @@ from ._common import keep_configs, launch_args, pow2
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
+WRITE_CHUNK = 1024  # tokens per program of the index-writing kernel
 
 # ----------------------------------------------------------------------------------------------
 # JIT helpers
@@ -141,10 +146,10 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_configs(), key=["BLOCK"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _select_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr,
+    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr, thr_ptr, counts_ptr,
     stride_sb, stride_sr, stride_ib, stride_ir,
     num_rows,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, NCH: tl.constexpr,
 ):
     """Rows of at most BLOCK tokens, held in registers; longer rows are left to _select_long_kernel."""
     pid = tl.program_id(0)
@@ -157,9 +162,45 @@ def _select_kernel(
         tokens = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK / GROUP, GROUP]
         keys = _load_keys(row_ptr, tokens, n)
         thr = _kth_key(keys, kk, tl.full([], -2147483647, tl.int64), tl.full([], 2147483647, tl.int64))
-        n_ge = tl.sum(tl.where(keys >= thr, 1, 0))
-        need = kk - tl.sum(tl.where(keys > thr, 1, 0))  # ties to keep, >= 1
-        _emit_row(row_ptr, n, thr, need, n_ge > kk, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+        keep = tl.where(keys >= thr, 1, 0)  # [BLOCK / GROUP, GROUP]
+        per_group = tl.sum(keep, axis=1)
+        n_ge = tl.sum(per_group, axis=0)
+        if n_ge > kk:  # ties at the threshold (rare with float scores): take them in token order here
+            need = kk - tl.sum(tl.where(keys > thr, 1, 0))  # ties to keep, >= 1
+            _emit_row(row_ptr, n, thr, need, n_ge > kk, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+            tl.store(thr_ptr + pid, 2147483647)  # nothing left for _write_kernel
+        else:  # every key >= thr is kept: _write_kernel writes them, a program per chunk
+            tl.store(thr_ptr + pid, thr)
+            per_chunk = tl.sum(tl.reshape(per_group, [NCH, BLOCK // GROUP // NCH]), axis=1)
+            tl.store(counts_ptr + pid.to(tl.int64) * NCH + tl.arange(0, NCH), per_chunk)
+
+
+@triton.jit
+def _write_kernel(
+    scores_ptr, lengths_ptr, idx_ptr, thr_ptr, counts_ptr,
+    stride_sb, stride_sr, stride_ib, stride_ir,
+    num_rows,
+    BLOCK: tl.constexpr, NCH: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Kept tokens (key >= the row's threshold) of one chunk of BLOCK / NCH tokens, written at the
+    chunk's offset in the row's list: the kept counts of the earlier chunks (from _select_kernel)
+    summed. Many programs per row, so the writes of all rows overlap."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // num_rows).to(tl.int64)
+    r = pid % num_rows
+    n = tl.load(lengths_ptr + b)
+    thr = tl.load(thr_ptr + pid)
+    start = c * (BLOCK // NCH)
+    if (n <= BLOCK) & (start < n) & (thr != 2147483647):
+        chunks = tl.arange(0, NCH)
+        counts = tl.load(counts_ptr + pid.to(tl.int64) * NCH + chunks)
+        offset = tl.sum(tl.where(chunks < c, counts, 0), axis=0)
+        tokens = start + tl.arange(0, BLOCK // NCH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
+        keep = keys >= thr
+        pos, _ = _prefix_rank(keep, GROUP)
+        tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
 @triton.jit
@@ -238,7 +279,15 @@ def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tenso
         stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
         num_rows=rows, BLOCK=block, GROUP=GROUP,
     )
-    _select_kernel[(b * rows,)](**common)
+    nch = max(1, block // WRITE_CHUNK)
+    thr = idx.new_empty(b * rows)
+    counts = idx.new_empty(b * rows * nch)
+    _select_kernel[(b * rows,)](thr_ptr=thr, counts_ptr=counts, **common, NCH=nch)
+    _write_kernel[(nch, b * rows)](
+        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts,
+        stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
+        num_rows=rows, BLOCK=block, NCH=nch, GROUP=GROUP, num_warps=4,
+    )
     if s > block:
         scratch = idx.new_empty(b * rows * block)
         _select_long_kernel[(b * rows,)](scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
