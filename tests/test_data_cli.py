@@ -83,9 +83,12 @@ def test_cli_errors_are_one_line(tmp_path):
         "hub id offline": (["calibrate", "--model", "nobody/no-such-model-xyz"], "cannot load model"),
         "N < L": (["calibrate", "--num-tokens", "10", "--seq-len", "20"], "smaller than --seq-len"),
         "output is a dir": (["calibrate", "--output", str(tmp_path)], "is a directory"),
+        "eval backend": (["eval", "--ppl", "--methods", "full", "--backend", "gpu"], "auto, torch or triton"),
     }
+    if not torch.cuda.is_available():  # said before any model loads
+        cases["triton on cpu"] = (["eval", "--ppl", "--methods", "full", "--backend", "triton"], "needs a CUDA device")
     for name, (args, message) in cases.items():
-        result = _cli(*args)
+        result = _cli(*args, env_extra={"TRITON_INTERPRET": "0"})
         assert result.returncode == 2, (name, result.stderr)
         assert message in result.stderr, (name, result.stderr)
         assert "Traceback" not in result.stderr, name

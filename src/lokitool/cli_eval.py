@@ -46,7 +46,7 @@ def eval_command(
     from .calibrate import load_windows
     from .calibration import Calibration
     from .fileio import ensure_writable_dir
-    from .models import load_model
+    from .models import load_model, resolve_device, resolve_dtype
 
     if not ppl:
         raise UserError("say what to evaluate: --ppl")
@@ -61,6 +61,8 @@ def eval_command(
         batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos, backend=backend,
     )
     specs = config.specs()  # validates every point before anything slow
+    dev = resolve_device(device)
+    chosen = resolve_backend(backend, dev, resolve_dtype(dtype, dev))  # before the model loads
     ensure_writable_dir(output_path)
     cal = Calibration.load(calibration) if calibration else None
     with console.status(f"loading {model} and {dataset} text"):
@@ -75,8 +77,7 @@ def eval_command(
     def report(r) -> None:
         console.print(f"  {evaluate._label(r):<32} ppl {r.perplexity:9.3f}  kept {_fmt(r.kept_fraction)}  ({r.seconds:.0f} s)")
 
-    param = next(loaded.model.parameters())
-    console.print(f"sparse attention by {resolve_backend(backend, param.device, param.dtype)} ({param.device}, {str(param.dtype).removeprefix('torch.')})")
+    console.print(f"sparse attention by {chosen} ({dev}, {str(resolve_dtype(dtype, dev)).removeprefix('torch.')})")
     results = evaluate.run(config, loaded, windows.tokens, cal, on_result=report)
     path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
 
