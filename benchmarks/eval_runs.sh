@@ -9,3 +9,4 @@ $L --methods exact-topk,loki,random-basis --basis post,qa-post --kf 0.25 --df 0.
 $L --methods full,exact-topk,h2o,loki,random-basis --basis post --kf 0.25 --df 0.25 --budget window --output-path "$DIR/C-window"
 $L --methods exact-topk,h2o,loki,random-basis --basis post,qa-post --kf 0.125,0.5 --df 0.25 --output-path "$DIR/D-sweep"
 $L --methods loki,random-basis --basis pre,qa-pre --kf 0.25 --df 0.25,0.5 --sink 1 --output-path "$DIR/E-sink-pre"
+$L --methods exact-topk,loki,random-basis --basis post,qa-post --kf 0.25 --df 0.25 --group kv --output-path "$DIR/F-group-kv"

@@ -1,7 +1,7 @@
 """Markdown table of `lokitool eval --ppl` results: python benchmarks/eval_table.py FILE [FILE ...]
 (results JSON files), one row per result, with the full-attention perplexity of the same windows
 as the reference. `--plot PNG` also draws perplexity against kf for the per-row, sink-0, df=0.25
-points of all files together (a later file's point replaces an earlier one of the same label)."""
+points selected per query head of all files together (a later file's point replaces an earlier one of the same label)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def plot(files: list[str], png: str) -> None:
     points = {}
     for f in files:
         for r in json.loads(Path(f).read_text())["results"]:
-            if r["method"] == "full" or (r["budget"] == "per-row" and not r["sink"] and r["df"] in (None, 0.25)):
+            shared = r.get("group") == "kv"
+            if r["method"] == "full" or (r["budget"] == "per-row" and not r["sink"] and r["df"] in (None, 0.25) and not shared):
                 points[(r["method"], r["basis"], r["kf"])] = Result(**r)
     plot_sweep(points.values(), Path(png), title="SmolLM2-135M, held-out speeches, per-row budgets, df = 0.25")
 

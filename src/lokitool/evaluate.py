@@ -101,7 +101,7 @@ class Result:
     jaccard: float | None
     jaccard_per_layer: list[float | None] | None
     seconds: float
-    backend: str | None  # what ran the sparse attention (None for full: the model's own)
+    backend: str | None = None  # what ran the sparse attention (None for full: the model's own, or older files)
 
 
 @torch.inference_mode()
