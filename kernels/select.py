@@ -35,6 +35,7 @@ from ._common import keep_configs, launch_args, pow2
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
 WRITE_CHUNK = 1024  # tokens per program of the index-writing kernel
+ROW_WRITTEN = tl.constexpr(2147483647)  # threshold slot of a row its own program wrote (only one NaN has this key)
 
 # ----------------------------------------------------------------------------------------------
 # JIT helpers
@@ -92,22 +93,20 @@ def _kth_key(keys, kk, lo, hi):
 
 
 @triton.jit
-def _emit_row(row_ptr, n, thr, need, surplus, out_ptr, CHUNK: tl.constexpr, GROUP: tl.constexpr):
-    """Write, in token order, the tokens kept by a row: keys > thr, then keys == thr while fewer than
-    `need` were taken (`surplus`: more keys equal thr than that). Reads the row again in CHUNKs
-    (it was just read: L2 holds it), so the big register tile is dead by now."""
+def _emit_row(row_ptr, n, thr, need, out_ptr, CHUNK: tl.constexpr, GROUP: tl.constexpr):
+    """Write, in token order, the tokens kept by a row: keys > thr, then the first `need` keys equal
+    to thr. Reads the row again in CHUNKs (it was just read: L2 holds it), so the big register tile
+    is dead by now. One program per row: only for rows with ties at the threshold and rows longer
+    than the register tile (others go to _write_kernel)."""
     tokens = tl.arange(0, CHUNK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CHUNK / GROUP, GROUP]
     ties = n * 0
     written = n * 0
     for start in range(0, n, CHUNK):
         keys = _load_keys(row_ptr, start + tokens, n)
-        if surplus:
-            eq = keys == thr
-            tie_rank, n_eq = _prefix_rank(eq, GROUP)
-            keep = (keys > thr) | (eq & (ties + tie_rank < need))
-            ties += n_eq
-        else:
-            keep = keys >= thr
+        eq = keys == thr
+        tie_rank, n_eq = _prefix_rank(eq, GROUP)
+        keep = (keys > thr) | (eq & (ties + tie_rank < need))
+        ties += n_eq
         pos, n_keep = _prefix_rank(keep, GROUP)
         tl.store(out_ptr + written + pos, start + tokens, mask=keep)
         written += n_keep
@@ -167,8 +166,8 @@ def _select_kernel(
         n_ge = tl.sum(per_group, axis=0)
         if n_ge > kk:  # ties at the threshold (rare with float scores): take them in token order here
             need = kk - tl.sum(tl.where(keys > thr, 1, 0))  # ties to keep, >= 1
-            _emit_row(row_ptr, n, thr, need, n_ge > kk, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
-            tl.store(thr_ptr + pid, 2147483647)  # nothing left for _write_kernel
+            _emit_row(row_ptr, n, thr, need, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+            tl.store(thr_ptr + pid, ROW_WRITTEN)  # nothing left for _write_kernel
         else:  # every key >= thr is kept: _write_kernel writes them, a program per chunk
             tl.store(thr_ptr + pid, thr)
             per_chunk = tl.sum(tl.reshape(per_group, [NCH, BLOCK // GROUP // NCH]), axis=1)
@@ -192,7 +191,7 @@ def _write_kernel(
     n = tl.load(lengths_ptr + b)
     thr = tl.load(thr_ptr + pid)
     start = c * (BLOCK // NCH)
-    if (n <= BLOCK) & (start < n) & (thr != 2147483647):
+    if (n <= BLOCK) & (start < n) & (thr != ROW_WRITTEN):
         chunks = tl.arange(0, NCH)
         counts = tl.load(counts_ptr + pid.to(tl.int64) * NCH + chunks)
         offset = tl.sum(tl.where(chunks < c, counts, 0), axis=0)
@@ -261,7 +260,7 @@ def _select_long_kernel(
         thr = _kth_key(keys, kk - above, lo, hi)
         need = kk - above - tl.sum(tl.where(keys > thr, 1, 0))
 
-        _emit_row(row_ptr, n, thr, need, n * 0 == 0, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+        _emit_row(row_ptr, n, thr, need, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
 
 
 # ----------------------------------------------------------------------------------------------
