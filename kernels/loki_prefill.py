@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..loki import Budget, Group, Selector, SelectionStats, budget_per_row, exact_scores
+from ..loki import Budget, Group, Selector, SelectionStats, budget_per_row, exact_scores, sum_groups
 from .attention import sparse_decode_attention
 from .select import kept_mask, select_topk
 
@@ -79,8 +79,8 @@ def sparse_prefill(
         scores = selector.score(qb, prepared)  # [B, H, b, Sk] float32
         exact = exact_scores(qb, k) if stats is not None and compare_exact else None
         if group == "kv":  # one row per KV head: its query heads share the kept set
-            scores = scores.unflatten(1, (hkv, h // hkv)).sum(2)
-            exact = exact.unflatten(1, (hkv, h // hkv)).sum(2) if exact is not None else None
+            scores = sum_groups(scores, hkv)
+            exact = sum_groups(exact, hkv) if exact is not None else None
         for i in range(b):  # a stride-0 batch over one sequence's keys (one stride per dim)
             idx = _select(scores[i], positions, budgets, sink)  # [b, R, kmax]
             rows = stop - start

@@ -87,10 +87,16 @@ def causal_mask(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
     return keys[None, :] <= positions[:, None]
 
 
+def sum_groups(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, H, r, s] -> [B, Hkv, r, s]: the scores of each KV head's query heads summed."""
+    b, h, r, s = scores.shape
+    return scores.reshape(b, num_kv_heads, h // num_kv_heads, r, s).sum(2)
+
+
 def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Shared selection per KV head: sum the scores of a group's query heads, broadcast back."""
     b, h, r, s = scores.shape
-    summed = scores.reshape(b, num_kv_heads, h // num_kv_heads, r, s).sum(2, keepdim=True)
+    summed = sum_groups(scores, num_kv_heads)[:, :, None]
     return summed.expand(b, num_kv_heads, h // num_kv_heads, r, s).reshape(b, h, r, s)
 
 
