@@ -62,9 +62,10 @@ class MethodSpec:
 
 @dataclass
 class Recorder:
-    """Per-layer selection statistics of one evaluation run."""
+    """Per-layer selection statistics of one evaluation run, and what ran its sparse attention."""
 
     layers: list[loki.SelectionStats] = field(default_factory=list)
+    backend: str = "torch"
 
     def kept_fraction(self) -> float | None:
         rows = sum(s.rows for s in self.layers)
@@ -108,7 +109,7 @@ def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None
     else:
         selector = loki.full_selector()
     sparse = loki.sparse_attention
-    if backend == "triton" and selector.score is not None:
+    if backend == "triton":
         from .kernels.loki_prefill import sparse_prefill as sparse
     return lambda q, k, v, scaling: sparse(
         q, k, v, selector=selector, scaling=scaling, group=spec.group, compare_exact=spec.method in LOW_RANK, **common
@@ -142,7 +143,10 @@ def patched(
     backend: `torch` (loki.py, the reference) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
     if calibration is not None:
         calibration.check_model(facts)
-    recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)])
+    # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`
+    if spec.method in ("h2o", "full"):
+        backend = "torch"
+    recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)], backend=backend)
     low_rank = spec.method in LOW_RANK
     dims = layer_dims(spec, calibration, facts) if low_rank else [None] * facts.num_layers
     layer_basis = layer_bases(spec, calibration, facts, dims) if low_rank else None

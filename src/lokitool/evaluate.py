@@ -56,8 +56,6 @@ class EvalConfig:
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
             raise UserError("low-rank methods need --df or --variance")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise UserError(f"--backend must be auto, torch or triton, got {self.backend!r}")
         if "loki" in self.methods and self.calibration is None:
             raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
 
@@ -130,10 +128,9 @@ def evaluate_spec(
         kept, jaccard, per_layer = 1.0, None, None
         backend = None
     else:
-        if spec.method == "h2o":
-            backend = "torch"  # no kernel path for H2O's accumulated attention
         with patched(loaded.model, loaded.facts, spec, calibration, backend) as recorder:
             nll, count = window_nll(loaded.model, tokens, batch_size)
+        backend = recorder.backend
         kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
         per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
     fields = asdict(spec)
