@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .options import Device, Dtype
 
 app = typer.Typer(
     add_completion=False,
@@ -54,8 +55,8 @@ def calibrate(
     seq_len: int = typer.Option(1024, help="Window length in tokens."),
     output: Path = typer.Option(Path("calibration.safetensors"), help="Calibration file to write (atomically)."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with the BOS token."),
     queries: bool = typer.Option(True, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
     device_map: Optional[str] = typer.Option(None, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),

@@ -11,7 +11,7 @@ from rich.table import Table
 from .cli import app, console, out
 from .errors import UserError
 from .fileio import append_csv
-from .options import int_list
+from .options import Device, Dtype, int_list
 
 CSV_COLUMNS = [
     "device", "model", "method", "batch", "prompt_len", "new_tokens", "kf", "df", "d", "dtype", "per_token_ms", "p10_ms",
@@ -40,8 +40,8 @@ def bench_e2e_command(
     profile_tokens: int = typer.Option(8, help="Extra steps synchronized around attention and cache updates, for the time shares."),
     prefill_chunk: int = typer.Option(2048, help="Prefill the prompt in chunks of this many tokens (bounds activation memory)."),
     output_path: Path = typer.Option(Path("runs/e2e"), help="Directory for e2e.json (this run) and e2e.csv (appended)."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """End-to-end decode speed: tokens/s, per-token latency and time shares, full attention vs Loki."""
     import gc

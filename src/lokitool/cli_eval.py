@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .cli import app, console, out
 from .errors import UserError
-from .options import float_list, word_list
+from .options import Device, Dtype, float_list, word_list
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -35,8 +35,8 @@ def eval_command(
     num_tokens: int = typer.Option(8192, help="Held-out tokens in all (non-overlapping windows)."),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
     output_path: Path = typer.Option(Path("runs/eval"), help="Directory for results JSON and the sweep plot."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with BOS."),
     backend: str = typer.Option("auto", help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
 ) -> None:
@@ -62,7 +62,8 @@ def eval_command(
     )
     specs = config.specs()  # validates every point before anything slow
     dev = resolve_device(device)
-    chosen = resolve_backend(backend, dev, resolve_dtype(dtype, dev))  # before the model loads
+    dt = resolve_dtype(dtype, dev)
+    chosen = resolve_backend(backend, dev, dt)  # before the model loads
     ensure_writable_dir(output_path)
     cal = Calibration.load(calibration) if calibration else None
     with console.status(f"loading {model} and {dataset} text"):
@@ -77,7 +78,7 @@ def eval_command(
     def report(r) -> None:
         console.print(f"  {evaluate._label(r):<32} ppl {r.perplexity:9.3f}  kept {_fmt(r.kept_fraction)}  ({r.seconds:.0f} s)")
 
-    console.print(f"sparse attention by {chosen} ({dev}, {str(resolve_dtype(dtype, dev)).removeprefix('torch.')})")
+    console.print(f"sparse attention by {chosen} ({dev}, {str(dt).removeprefix('torch.')})")
     results = evaluate.run(config, loaded, windows.tokens, cal, on_result=report)
     path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
 

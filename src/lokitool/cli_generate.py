@@ -9,6 +9,7 @@ import typer
 
 from .cli import app, console, out
 from .errors import UserError
+from .options import Device, Dtype
 
 
 def _load(model: str, calibration: Optional[Path], full: bool, device: str, dtype: str):
@@ -39,8 +40,8 @@ def generate_command(
     full: bool = typer.Option(False, "--full", help="Full attention with transformers' default cache (the reference)."),
     loki_prefill: bool = typer.Option(False, "--loki-prefill", help="Also use Loki over the prompt (default: exact prefill)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template, if it has one."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Greedy generation with a Loki KV cache, printed as it is generated."""
     import torch
@@ -81,8 +82,8 @@ def passkey_command(
     basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, or random."),
     seed: int = typer.Option(0, help="Seed of the random keys."),
     output_path: Optional[Path] = typer.Option(None, help="Directory for passkey.json and passkey.md."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    dtype: str = typer.Option("auto", help="float32, bfloat16, float16 or auto."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Passkey retrieval under full attention and Loki at several lengths and depths."""
     from . import generate as gen

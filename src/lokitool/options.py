@@ -1,10 +1,17 @@
-"""Comma-separated command-line values (`--kf 0.125,0.25`, `--seq-len 4096,16384`), parsed once."""
+"""Command-line values shared by the commands: comma-separated lists (`--kf 0.125,0.25`,
+`--seq-len 4096,16384`), parsed once, and the `--device` / `--dtype` options."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Annotated, Callable, TypeVar
+
+import typer
 
 from .errors import UserError
+
+# `device: Device = "auto"` in a command's signature (resolved by models.resolve_device / resolve_dtype)
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU).")]
 
 T = TypeVar("T")
 
