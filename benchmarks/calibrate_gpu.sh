@@ -8,8 +8,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation "$ROOT" 2>&1 | tail -2
-cd /tmp  # never run with the repo root on sys.path: its kernels/ folder would shadow the PyPI `kernels`
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpus.txt"
 
@@ -28,7 +27,7 @@ CUDA_VISIBLE_DEVICES=0 python3 -m lokitool $ARGS --output "$OUT/one-gpu.safetens
 torchrun --nproc-per-node 2 -m lokitool $ARGS --output "$OUT/two-gpu.safetensors" 2>&1 | tail -3 | tee -a "$OUT/dp-$DP_SHAPE.txt"
 python3 - "$OUT" <<'PY' | tee -a "$OUT/dp-$DP_SHAPE.txt"
 import sys, torch
-from lokitool.calibration import Calibration
+from lokitool.calib.calibration import Calibration
 a = Calibration.load(f"{sys.argv[1]}/one-gpu.safetensors"); b = Calibration.load(f"{sys.argv[1]}/two-gpu.safetensors")
 for kind in ("pre", "post"):
     ea, eb = a.pca[kind].eigenvalues.double(), b.pca[kind].eigenvalues.double()

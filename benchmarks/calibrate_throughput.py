@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from lokitool.e2e import PRESETS, random_model
-from lokitool.collect import collect_statistics
-from lokitool.models import LoadedModel
+from lokitool.bench.e2e import PRESETS, random_model
+from lokitool.calib.collect import collect_statistics
+from lokitool.calib.models import LoadedModel
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -69,7 +70,7 @@ def main() -> None:
     if args.shape:
         loaded = random_model(args.shape, torch.device(args.device), dtype)
     else:
-        from lokitool.models import load_model
+        from lokitool.calib.models import load_model
 
         loaded = load_model(args.model or "default", args.device, args.dtype)
     vocab = loaded.model.config.vocab_size

@@ -8,8 +8,7 @@ ROOT=$(pwd)
 OUT=${OUT:-/tmp/out}
 SHAPE=${SHAPE:-llama3.2-1b}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation "$ROOT" 2>&1 | tail -2
-cd /tmp  # the repo root on sys.path would let its kernels/ folder shadow the PyPI `kernels`
+source benchmarks/gpu_env.sh
 python3 "$ROOT/benchmarks/random_model.py" "$SHAPE" /tmp/model-dm --tokenizer "$ROOT/.devcarry/tokenizer"
 ARGS="calibrate --model /tmp/model-dm --dataset $ROOT/.devcarry/text --num-tokens 262144 --seq-len 2048 --batch-size 8 --dtype bfloat16"
 CUDA_VISIBLE_DEVICES=0 python3 -m lokitool $ARGS --device cuda --output "$OUT/one.safetensors" 2>&1 | tail -1 | tee "$OUT/device_map.txt"
@@ -17,7 +16,7 @@ python3 -m lokitool $ARGS --device-map balanced --output "$OUT/sharded.safetenso
 python3 - "$OUT" <<'PY' | tee -a "$OUT/device_map.txt"
 import sys
 from transformers import AutoModelForCausalLM
-from lokitool.calibration import Calibration
+from lokitool.calib.calibration import Calibration
 m = AutoModelForCausalLM.from_pretrained("/tmp/model-dm", device_map="balanced")
 print("layers per device:", sorted({str(p.device) for p in m.parameters()}))
 a = Calibration.load(f"{sys.argv[1]}/one.safetensors"); b = Calibration.load(f"{sys.argv[1]}/sharded.safetensors")

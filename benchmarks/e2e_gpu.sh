@@ -7,8 +7,8 @@
 #   without QUICK=1 also batch 16 at 4096 and batch 4 at 16384
 # kf = df = 0.25. Points that do not fit in GPU memory are skipped (logged), not fatal.
 # Writes $OUT/e2e.csv (all rows), $OUT/e2e.json (last sweep), one log per sweep, env.log.
-# The package is put on the path through a shadow tree (src/lokitool + kernels/ as lokitool.kernels),
-# so nothing is installed; set PYTHON to choose the interpreter. QUICK=1: the first sweep only;
+# The checkout is installed (benchmarks/gpu_env.sh: pip install --no-deps -e .),
+# set PYTHON to choose the interpreter. QUICK=1: the first sweep only;
 # ONLY=NAME: just that sweep (names below), e.g. to keep each call under a time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."

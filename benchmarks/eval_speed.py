@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lokitool.attention import MethodSpec
-from lokitool.e2e import random_model
-from lokitool.evaluate import evaluate_spec
-from lokitool.provenance import versions
+from lokitool.bench.e2e import random_model
+from lokitool.evals.ppl import evaluate_spec
+from lokitool.results import versions
+from lokitool.sparse.attention import MethodSpec
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ def fmt(x, spec=".3f"):
 
 
 def plot(files: list[str], png: str) -> None:
-    from lokitool.evaluate import Result, plot_sweep
+    from lokitool.evals.ppl import Result, plot_sweep
 
     points = {}
     for f in files:

@@ -7,8 +7,8 @@
 #   3. seconds per 4096-token window of `eval --ppl` on a random-weight llama2-7b, torch reference
 #      against the Triton path (benchmarks/eval_speed.py; skipped with EVAL=0).
 # Logs, bench.csv, bench.json and bench.png go to $OUT (default runs/gpu_check).
-# The package is put on the path through a shadow tree (src/lokitool + kernels/ as
-# lokitool.kernels), so nothing is installed; set PYTHON to choose the interpreter.
+# The checkout is installed first (benchmarks/gpu_env.sh: pip install --no-deps -e .);
+# set PYTHON to choose the interpreter.
 # Quick mode: QUICK=1 benchmarks only B=16 at 4096 and 16384.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,10 +1,7 @@
-# Sourced by the GPU scripts, from the repository root: puts lokitool on the path without
-# installing it, through a shadow tree (src/lokitool, with kernels/ as lokitool.kernels).
+# Sourced by the GPU scripts, from the repository root: installs this checkout (editable, no
+# dependencies: the GPU machine has torch, triton and transformers, and no internet), so
+# `lokitool` and `lokitool.kernels` import as a user's install would. Set PYTHON to choose the interpreter.
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-shadow=$(mktemp -d)
-mkdir -p "$shadow/lokitool"
-for f in src/lokitool/*; do ln -s "$PWD/$f" "$shadow/lokitool/"; done
-ln -s "$PWD/kernels" "$shadow/lokitool/kernels"
-export PYTHONPATH="$shadow${PYTHONPATH:+:$PYTHONPATH}"
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^\s*$" | tail -2

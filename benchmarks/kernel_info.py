@@ -4,7 +4,6 @@ step at the issue's main shape (B=16, H=40, D=128, S=16384, fp16, kf=df=0.25). N
 from __future__ import annotations
 
 import torch
-
 from lokitool.kernels import attention, loki_decode, score, select, split_keys
 
 

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from lokitool.e2e import PRESETS, random_model
+from lokitool.bench.e2e import PRESETS, random_model
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..loki import decode_budget
+from ..sparse.reference import decode_budget
 from .attention import sparse_decode_attention
 from .layout import Keys, LokiKeys
 from .score import loki_scores

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..loki import Budget, Group, Selector, SelectionStats, budget_per_row, exact_scores, sum_groups
+from ..sparse.reference import Budget, Group, SelectionStats, Selector, budget_per_row, exact_scores, sum_groups
 from .attention import sparse_decode_attention
 from .select import kept_mask, select_topk
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lokitool.models import LoadedModel, read_facts
+from lokitool.calib.models import LoadedModel, read_facts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -39,8 +39,8 @@ def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, nu
 
 def tiny_calibrated(num_heads: int = 6, num_kv_heads: int = 2, head_dim: int = 16, num_layers: int = 2):
     """A tiny GQA decoder and a calibration made on its own keys (48-token windows of random tokens)."""
-    from lokitool.calibrate import build_calibration
-    from lokitool.collect import collect_statistics
+    from lokitool.calib.collect import collect_statistics
+    from lokitool.calib.run import build_calibration
 
     loaded = tiny_llama(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
     tokens = random_tokens(4, 48, seed=1)
@@ -65,6 +65,6 @@ def embedded_available() -> bool:
 def embedded_model():
     if not embedded_available():
         pytest.skip("embedded model not installed (make install)")
-    from lokitool.models import load_model
+    from lokitool.calib.models import load_model
 
     return load_model("default", device="cpu", dtype="float32")

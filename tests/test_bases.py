@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lokitool import bases, loki
+from lokitool.sparse import bases
+from lokitool.sparse import reference as loki
 
 
 def rotated_problem(c_diag, s_diag, seed=0):

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from lokitool import bench, loki
-from lokitool.cli import main
+from lokitool.bench import kernels as bench
+from lokitool.cli.main import main
 from lokitool.errors import UserError
+from lokitool.sparse import reference as loki
 
 
 def run_cli(args, capsys):

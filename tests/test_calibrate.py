@@ -7,15 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import random_tokens, tiny_llama
 from sklearn.decomposition import PCA as SkPCA
 
-from conftest import random_tokens, tiny_llama
-from lokitool import pca
-from lokitool.calibrate import build_calibration
-from lokitool.calibration import Calibration
-from lokitool.collect import MomentSums, Statistics, accumulate, capture, collect_statistics
+from lokitool.calib import pca
+from lokitool.calib.calibration import Calibration
+from lokitool.calib.collect import accumulate, capture, collect_statistics
+from lokitool.calib.models import attention_modules
+from lokitool.calib.moments import MomentSums, Statistics
+from lokitool.calib.run import build_calibration
 from lokitool.errors import UserError
-from lokitool.models import attention_modules
 
 
 def correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import embedded_available, tiny_llama
-from lokitool.data import documents, resolve_dataset_spec, sotu_documents, token_windows
+
+from lokitool.calib.data import documents, resolve_dataset_spec, sotu_documents, token_windows
 from lokitool.errors import UserError
 
 
@@ -100,14 +100,14 @@ def test_not_a_causal_lm(tmp_path):
     from transformers import T5Config
 
     T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64).save_pretrained(tmp_path)
-    from lokitool.models import load_model
+    from lokitool.calib.models import load_model
 
     with pytest.raises(UserError, match="not a causal language model"):
         load_model(str(tmp_path), device="cpu", dtype="float32")
 
 
 def test_seq_len_longer_than_model_allows():
-    from lokitool.calibrate import load_windows
+    from lokitool.calib.data import load_windows
 
     loaded = tiny_llama()  # max_position_embeddings = 256
     with pytest.raises(UserError, match="longer than"):
@@ -121,7 +121,7 @@ def test_calibrate_embedded_model_end_to_end(tmp_path):
     result = _cli("calibrate", "--num-tokens", "256", "--seq-len", "128", "--batch-size", "2", "--output", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and out.is_file()
-    from lokitool.calibration import Calibration
+    from lokitool.calib.calibration import Calibration
 
     cal = Calibration.load(out)
     assert (cal.facts.num_layers, cal.facts.num_heads, cal.facts.num_kv_heads, cal.facts.head_dim) == (30, 9, 3, 64)
@@ -136,7 +136,7 @@ def test_embedded_post_rope_keys_match_eager(embedded_model):
     """On the real model too: the keys the hooks see are the keys eager attention uses."""
     from test_calibrate import _keys_from_eager
 
-    from lokitool.collect import capture
+    from lokitool.calib.collect import capture
 
     tokens = torch.tensor([[embedded_model.facts.bos_token_id] + list(range(100, 131))])
     reference, _ = _keys_from_eager(embedded_model, tokens)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import embedded_available, random_tokens, tiny_llama
-from lokitool.calibrate import CalibrationJob, run
-from lokitool.calibration import Calibration
-from lokitool.config import CalibrateConfig
-from lokitool.data import Windows
-from lokitool.distributed import World, process_group, shard
+
+from lokitool.calib.calibration import Calibration
+from lokitool.calib.config import CalibrateConfig
+from lokitool.calib.data import Windows
+from lokitool.calib.distributed import World, process_group, shard
+from lokitool.calib.run import CalibrationJob, run
 
 
 def _free_port() -> int:

@@ -7,15 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import random_tokens, tiny_calibrated
 from transformers import DynamicCache
 
-from conftest import random_tokens, tiny_calibrated
-from lokitool import generate as gen
-from lokitool import loki
-from lokitool.cache import LokiCache, cache_nbytes
-from lokitool.calibrate import build_calibration
-from lokitool.collect import collect_statistics
-from lokitool.dispatch import route_attention
+from lokitool.calib.collect import collect_statistics
+from lokitool.calib.dispatch import route_attention
+from lokitool.calib.run import build_calibration
+from lokitool.sparse import generation as gen
+from lokitool.sparse import reference as loki
+from lokitool.sparse.cache import LokiCache, cache_nbytes
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_chunked_prefill_equals_one_pass(tiny_gqa):
 
 
 def test_e2e_rows_on_a_tiny_random_model():
-    from lokitool import e2e
+    from lokitool.bench import e2e
 
     cfg = e2e.E2EConfig(model="tiny", batch=2, prompt_len=40, new_tokens=3, warmup=1, profile_tokens=2, device="cpu", dtype="float32")
     rows = e2e.run_e2e(cfg)
@@ -214,7 +214,7 @@ def test_e2e_rows_on_a_tiny_random_model():
 
 
 def test_generate_cli_needs_a_calibration_for_loki(capsys):
-    from lokitool.cli import main
+    from lokitool.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "hi"])
@@ -224,7 +224,7 @@ def test_generate_cli_needs_a_calibration_for_loki(capsys):
 
 @pytest.mark.embedded
 def test_embedded_model_greedy_tokens_equal_full_attention(embedded_model):
-    from lokitool.data import sotu_documents
+    from lokitool.calib.data import sotu_documents
 
     loaded = embedded_model
     text = next(iter(sotu_documents("calibration")))

@@ -21,19 +21,21 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lokitool import loki  # noqa: E402
 from lokitool.kernels import (  # noqa: E402
     LokiKeys,
     check_inputs,
     joined,
-    split_keys,
     kept_mask,
     loki_decode,
     loki_scores,
     max_budget,
     select_topk,
     sparse_decode_attention,
+    split_keys,
 )
+
+from lokitool.sparse import reference as loki  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _one_config_per_kernel(monkeypatch):

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import random_tokens, tiny_calibrated, tiny_llama
-from lokitool import loki
-from lokitool.bases import random_basis
-from lokitool.attention import MethodSpec, patched
-from lokitool.calibrate import build_calibration
-from lokitool.collect import collect_statistics
+
+from lokitool.calib.collect import collect_statistics
+from lokitool.calib.run import build_calibration
 from lokitool.errors import UserError
+from lokitool.sparse import reference as loki
+from lokitool.sparse.attention import MethodSpec, patched
+from lokitool.sparse.bases import random_basis
 
 
 def qkv(b=2, h=6, hkv=2, sq=37, sk=37, d=16, seed=0):
@@ -210,7 +210,7 @@ def test_calibration_of_another_model_is_refused(tiny_with_calibration):
 @pytest.mark.embedded
 def test_embedded_loki_full_budget_matches_full_attention(embedded_model, tmp_path):
     """kf = df = 1 on the real model: Loki's logits equal the model's own attention."""
-    from lokitool.calibrate import load_windows
+    from lokitool.calib.data import load_windows
 
     windows = load_windows(embedded_model, "default", seq_len=64, num_tokens=128, bos=True, purpose="calibrate")
     stats = collect_statistics(embedded_model.model, embedded_model.facts, windows.tokens, batch_size=2, with_queries=False)

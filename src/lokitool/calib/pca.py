@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .collect import MomentSums
+from .moments import MomentSums
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import bases, loki
-from .calibration import Calibration
-from .dispatch import route_attention
-from .errors import UserError
-from .models import ModelFacts, attention_modules
-from .pca import rank_at_variance
+from ..calib.calibration import Calibration
+from ..calib.dispatch import route_attention
+from ..calib.models import ModelFacts, attention_modules
+from ..calib.pca import rank_at_variance
+from ..errors import UserError
+from . import bases
+from . import reference as loki
 
 METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
 LOW_RANK = ("loki", "random-basis")
@@ -110,7 +111,7 @@ def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None
         selector = loki.full_selector()
     sparse = loki.sparse_attention
     if backend == "triton":
-        from .kernels.loki_prefill import sparse_prefill as sparse
+        from ..kernels.loki_prefill import sparse_prefill as sparse
     return lambda q, k, v, scaling: sparse(
         q, k, v, selector=selector, scaling=scaling, group=spec.group, compare_exact=spec.method in LOW_RANK, **common
     )
@@ -126,7 +127,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return backend
     if backend != "triton":
         raise UserError(f"--backend must be auto, torch or triton, got {backend!r}")
-    from .kernels._common import interpreting
+    from ..kernels._common import interpreting
 
     if device.type != "cuda" and not interpreting():
         raise UserError("--backend triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)")

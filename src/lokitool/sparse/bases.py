@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import Calibration
-from .errors import UserError
+from ..calib.calibration import Calibration
+from ..errors import UserError
 
 BASES = ("pre", "post", "qa-pre", "qa-post")
 

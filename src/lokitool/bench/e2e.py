@@ -33,14 +33,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import __version__
-from . import generate as gen
-from .cache import LokiCache, cache_nbytes
-from .calibration import Calibration
-from .dispatch import route_attention, sdpa_attention
-from .errors import UserError
-from .models import LoadedModel, load_model, read_facts, resolve_device, resolve_dtype
-from .provenance import git_hash
+from .. import __version__
+from ..calib.calibration import Calibration
+from ..calib.dispatch import route_attention, sdpa_attention
+from ..calib.models import LoadedModel, load_model, read_facts, resolve_device, resolve_dtype
+from ..errors import UserError
+from ..results import git_hash
+from ..sparse import generation as gen
+from ..sparse.cache import LokiCache, cache_nbytes
 
 METHODS = ("full", "full-prealloc", "loki")
 

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cli import app, console, out
-from .errors import UserError
+from ..errors import UserError
+from .app import app, console, out
 from .options import Device, Dtype, float_list, word_list
 
 
@@ -41,12 +41,12 @@ def eval_command(
     backend: str = typer.Option("auto", help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
 ) -> None:
     """Perplexity with full attention, Loki and baselines, on held-out text."""
-    from . import evaluate
-    from .attention import resolve_backend
-    from .calibrate import load_windows
-    from .calibration import Calibration
-    from .fileio import ensure_writable_dir
-    from .models import load_model, resolve_device, resolve_dtype
+    from ..calib.calibration import Calibration
+    from ..calib.data import load_windows
+    from ..calib.models import load_model, resolve_device, resolve_dtype
+    from ..evals import ppl as evaluate
+    from ..fileio import ensure_writable_dir
+    from ..sparse.attention import resolve_backend
 
     if not ppl:
         raise UserError("say what to evaluate: --ppl")

@@ -10,13 +10,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from .attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
-from .bases import BASES
-from .calibration import Calibration
-from .errors import UserError
-from .fileio import atomic_path, ensure_writable_dir, write_json_atomic
-from .models import LoadedModel
-from .provenance import git_hash, versions
+from ..calib.calibration import Calibration
+from ..calib.models import LoadedModel
+from ..errors import UserError
+from ..fileio import atomic_path, ensure_writable_dir, write_json_atomic
+from ..results import git_hash, versions
+from ..sparse.attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
+from ..sparse.bases import BASES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from .collect import Statistics
+from .moments import Statistics
 
 
 @dataclass(frozen=True)

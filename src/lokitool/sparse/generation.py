@@ -23,12 +23,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import bases, loki
+from ..calib.calibration import Calibration
+from ..calib.dispatch import Handler, route_attention, sdpa_attention
+from ..calib.models import ModelFacts, attention_modules
+from ..errors import UserError
+from . import bases
+from . import reference as loki
 from .cache import LokiCache, rotate_into
-from .calibration import Calibration
-from .dispatch import Handler, route_attention, sdpa_attention
-from .errors import UserError
-from .models import ModelFacts, attention_modules
 
 DecodeFn = Callable[..., torch.Tensor]
 BASIS_NAMES = bases.BASES + ("random",)
@@ -62,7 +63,7 @@ def decode_backend(device: torch.device) -> DecodeFn:
     """The one place that picks the decode implementation: Triton kernels on CUDA, the oracle elsewhere.
     Both take (q_rot [B, H, D], k_rot, v [B, Hkv, S, D], lengths [B], *, d, kf, scaling, group)."""
     if device.type == "cuda":
-        from .kernels.loki_decode import loki_decode  # imports triton: only on CUDA
+        from ..kernels.loki_decode import loki_decode  # imports triton: only on CUDA
 
         return loki_decode
     return loki.decode_attention

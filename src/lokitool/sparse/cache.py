@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import loki
+from . import reference as loki
 
 
 def rotate_into(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:

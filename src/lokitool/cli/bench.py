@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .cli import app, console, out
+from .app import app, console, out
 from .options import int_list, word_list
 
 
@@ -34,7 +34,7 @@ def bench(
     """Time one decode step of Loki against SDPA: median latency, stages, GB/s vs the card's copy bandwidth.
     With --e2e: decode tokens/s of a whole model with a Loki KV cache against full attention."""
     if e2e:
-        from .cli_e2e import bench_e2e_command
+        from .bench_e2e import bench_e2e_command
 
         bench_e2e_command(
             model=model or "default", batch_size=batch_size or "1", prompt_len=seq_len or "512", new_tokens=32, kf=kf, df=df,
@@ -42,7 +42,7 @@ def bench(
             profile_tokens=8, prefill_chunk=2048, output_path=output_path, device=device, dtype=dtype or "auto",
         )
         return
-    from . import bench as lib
+    from ..bench import kernels as lib
 
     batch_size = batch_size or "1,16"
     seq_len = seq_len or "4096,16384,65536"

@@ -1,0 +1,56 @@
+"""`lokitool passkey`: passkey retrieval under full attention and Loki."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from .app import app, console, out
+from .loading import load_model_and_calibration
+from .options import Device, Dtype
+
+
+@app.command("passkey")
+def passkey_command(
+    model: str = typer.Option("default", help="`default`, hub id[@revision], model folder or .gguf file."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration file from `lokitool calibrate`."),
+    lengths: str = typer.Option("512,1024,2048", help="Prompt lengths in tokens, comma-separated."),
+    depths: str = typer.Option("0.1,0.5,0.9", help="Where the key sits, as fractions of the filler, comma-separated."),
+    kf: float = typer.Option(0.25, help="Token budget fraction for Loki."),
+    df: float = typer.Option(0.25, help="Dimension budget fraction for Loki."),
+    basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, or random."),
+    seed: int = typer.Option(0, help="Seed of the random keys."),
+    output_path: Optional[Path] = typer.Option(None, help="Directory for passkey.json and passkey.md."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Passkey retrieval under full attention and Loki at several lengths and depths."""
+    from ..evals import passkey
+    from ..fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from ..sparse import generation as gen
+
+    try:
+        length_list = [int(x) for x in lengths.split(",") if x.strip()]
+        depth_list = [float(x) for x in depths.split(",") if x.strip()]
+    except ValueError as err:
+        raise UserError(f"--lengths takes whole numbers and --depths fractions, got {lengths!r} / {depths!r}") from err
+    settings = gen.LokiSettings(kf=kf, df=df, basis=basis)
+    if output_path is not None:
+        ensure_writable_dir(output_path)
+    loaded, cal = load_model_and_calibration(model, calibration, False, device, dtype)
+
+    def report(t) -> None:
+        console.print(f"  {t.length:>6} tokens  depth {t.depth:<4g} {t.method:<22} {'found' if t.found else 'MISSED':<6} {t.answer[:40]!r}")
+
+    trials = passkey.run(loaded, lengths=length_list, depths=depth_list, settings=settings, calibration=cal, seed=seed, on_trial=report)
+    table = passkey.table_markdown(trials)
+    out.print(table, markup=False, highlight=False)
+    if output_path is not None:
+        config = {"model": loaded.facts.model_id, "calibration": str(calibration), "lengths": length_list,
+                  "depths": depth_list, "kf": kf, "df": df, "basis": basis, "seed": seed}
+        write_json_atomic(output_path / "passkey.json", {"config": config, "trials": passkey.trials_json(trials)})
+        write_text_atomic(output_path / "passkey.md", table + "\n")
+        out.print(f"wrote {output_path / 'passkey.json'} and passkey.md")
