@@ -1,6 +1,6 @@
 """Loki decode in three kernels: approximate scores -> exact top-k -> sparse flash-decoding.
 
-`loki_decode` computes what the oracle `lokitool.loki.decode_attention` computes, over a cache
+`loki_decode` computes what the oracle `lokitool.sparse.reference.decode_attention` computes, over a cache
 whose keys are stored already rotated into the PCA basis. In the Loki layout the d scored dims of
 all tokens are one contiguous plane and the other D - d dims a second one: each key element is
 stored once, the score pass streams the first plane, the exact attention reads kept rows from both.
@@ -13,7 +13,7 @@ stored once, the score pass streams the first plane, the exact attention reads k
 
 Stages, each callable (and timed by the benchmark) on its own:
     scores = loki_scores(q_rot, k_rot, lengths, d=d, group=group)              # score.py
-    idx    = select_topk(scores, lengths, budgets, kmax=max_budget(S, kf))     # select.py
+    idx    = select_topk(scores, lengths, budgets, kmax=spec.max_budget(S))    # select.py
     out    = sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=s, group=group)
 No stage synchronises with the host (lengths given on the GPU are trusted), so a decode step can be
 captured in a CUDA graph.
@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from ..sparse.reference import decode_budget
+from ..sparse.reference import LokiSpec, decode_budget
 from .attention import sparse_decode_attention
 from .layout import Keys, LokiKeys
 from .score import loki_scores
-from .select import max_budget, select_topk
+from .select import select_topk
 
 
-def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: torch.Tensor, *, d: int, kf: float, group: str) -> None:
-    """Shapes, dtypes and ranges; lengths are range-checked only when they live on the CPU."""
+def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: torch.Tensor, *, d: int) -> None:
+    """Shapes, dtypes and ranges (the spec validated its own settings); lengths are range-checked
+    only when they live on the CPU."""
     if isinstance(k_rot, LokiKeys):
         low, high = k_rot
         if low.dim() != 4 or high.shape[:3] != low.shape[:3] or high.dtype != low.dtype:
@@ -47,10 +48,6 @@ def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: tor
         raise ValueError(f"q_rot, k_rot, v must share dtype float16 or bfloat16; got {q_rot.dtype}, {k_rot.dtype}, {v.dtype}")
     if not 1 <= d <= dim:
         raise ValueError(f"d={d} must lie in [1, {dim}]")
-    if not 0.0 < kf <= 1.0:
-        raise ValueError(f"kf={kf} must lie in (0, 1]")
-    if group not in ("head", "kv"):
-        raise ValueError(f"group must be 'head' or 'kv', not {group!r}")
     if lengths.shape != (b,):
         raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
     if lengths.device.type == "cpu" and lengths.numel() and not (1 <= int(lengths.min()) and int(lengths.max()) <= k_rot.shape[2]):
@@ -63,15 +60,14 @@ def loki_decode(
     v: torch.Tensor,
     lengths: torch.Tensor,
     *,
-    d: int,
-    kf: float,
+    spec: LokiSpec,
     scaling: float,
-    group: str = "head",
 ) -> torch.Tensor:
-    """One Loki decode step: [B, H, D] float32 (see the module docstring)."""
-    check_inputs(q_rot, k_rot, v, lengths, d=d, kf=kf, group=group)
+    """One Loki decode step: [B, H, D] float32 (see the module docstring); d = spec.dims(D)."""
+    d = spec.dims(q_rot.shape[-1])
+    check_inputs(q_rot, k_rot, v, lengths, d=d)
     lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
-    budgets = decode_budget(lengths, kf).to(torch.int32)  # [B] k = max(1, floor(kf x length))
-    scores = loki_scores(q_rot, k_rot, lengths, d=d, group=group)  # [B, R, S] float32
-    idx = select_topk(scores, lengths, budgets, kmax=max_budget(k_rot.shape[2], kf))  # [B, R, kmax] int32
-    return sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=scaling, group=group)
+    budgets = decode_budget(lengths, spec.kf).to(torch.int32)  # [B] k = max(1, floor(kf x length))
+    scores = loki_scores(q_rot, k_rot, lengths, d=d, group=spec.group)  # [B, R, S] float32
+    idx = select_topk(scores, lengths, budgets, kmax=spec.max_budget(k_rot.shape[2]))  # [B, R, kmax] int32
+    return sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=scaling, group=spec.group)

@@ -1,6 +1,6 @@
 """Loki over a whole window on the GPU (what `eval --ppl` runs): every query row selects its own keys.
 
-`sparse_prefill` computes what the oracle `lokitool.loki.sparse_attention` computes, with its two
+`sparse_prefill` computes what the oracle `lokitool.sparse.reference.sparse_attention` computes, with its two
 costly steps moved to the decode kernels:
 
     per block of query rows (as the oracle):
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparse.reference import Budget, Group, SelectionStats, Selector, budget_per_row, exact_scores, sum_groups
+from ..sparse.reference import LokiSpec, SelectionStats, Selector, budget_per_row, exact_scores, sum_groups
 from .attention import sparse_decode_attention
 from .select import kept_mask, select_topk
 
@@ -51,16 +51,13 @@ def sparse_prefill(
     v: torch.Tensor,
     *,
     selector: Selector,
-    kf: float,
+    spec: LokiSpec,
     scaling: float,
-    budget: Budget = "per-row",
-    sink: int = 0,
-    group: Group = "head",
     block_rows: int = 512,
     stats: SelectionStats | None = None,
     compare_exact: bool = False,
 ) -> torch.Tensor:
-    """loki.sparse_attention's contract (q [B, H, Sq, D], k, v [B, Hkv, Sk, D] -> [B, H, Sq, D]
+    """reference.sparse_attention's contract (q [B, H, Sq, D], k, v [B, Hkv, Sk, D] -> [B, H, Sq, D]
     float32), for selectors that score (not `full`), with q, k, v in float16 or bfloat16."""
     if selector.score is None:
         raise ValueError("sparse_prefill needs a selector that scores keys (full attention has nothing to select)")
@@ -75,24 +72,24 @@ def sparse_prefill(
         stop = min(sq, start + block_rows)
         qb = q[:, :, start:stop]
         positions = torch.arange(start + offset, stop + offset, device=q.device)
-        budgets = budget_per_row(positions, kf, budget, sk)  # [b] k_t
+        budgets = budget_per_row(positions, spec.kf, spec.budget, sk)  # [b] k_t
         scores = selector.score(qb, prepared)  # [B, H, b, Sk] float32
         exact = exact_scores(qb, k) if stats is not None and compare_exact else None
-        if group == "kv":  # one row per KV head: its query heads share the kept set
+        if spec.group == "kv":  # one row per KV head: its query heads share the kept set
             scores = sum_groups(scores, hkv)
             exact = sum_groups(exact, hkv) if exact is not None else None
         for i in range(b):  # a stride-0 batch over one sequence's keys (one stride per dim)
-            idx = _select(scores[i], positions, budgets, sink)  # [b, R, kmax]
+            idx = _select(scores[i], positions, budgets, spec.sink)  # [b, R, kmax]
             rows = stop - start
             q_rows = qb[i].transpose(0, 1)  # [b, H, D]: row t is a one-token "sequence"
             k_rows = k[i : i + 1].expand(rows, -1, -1, -1)
             v_rows = v[i : i + 1].expand(rows, -1, -1, -1)
-            o = sparse_decode_attention(q_rows, k_rows, v_rows, idx, budgets, scaling=scaling, group=group)  # [b, H, D]
+            o = sparse_decode_attention(q_rows, k_rows, v_rows, idx, budgets, scaling=scaling, group=spec.group)  # [b, H, D]
             out[i, :, start:stop] = o.transpose(0, 1)
             if stats is not None:
                 keep = _keep_mask(idx, budgets, sk)
                 exact_keep = None
                 if exact is not None:
-                    exact_keep = _keep_mask(_select(exact[i], positions, budgets, sink), budgets, sk)
+                    exact_keep = _keep_mask(_select(exact[i], positions, budgets, spec.sink), budgets, sk)
                 stats.add(keep, positions, exact_keep)
     return out

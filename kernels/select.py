@@ -24,8 +24,6 @@ until k are kept, so each row keeps exactly k tokens (torch.topk breaks such tie
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -294,11 +292,6 @@ def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tenso
 
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
-
-
-def max_budget(seq_len: int, kf: float) -> int:
-    """Largest k any sequence of at most `seq_len` tokens keeps (loki.decode_budget's formula)."""
-    return max(1, math.floor(kf * seq_len))
 
 
 def select_topk(

@@ -7,6 +7,7 @@ import torch
 
 from lokitool.sparse import bases
 from lokitool.sparse import reference as loki
+from lokitool.sparse.reference import LokiSpec
 
 
 def rotated_problem(c_diag, s_diag, seed=0):
@@ -91,7 +92,7 @@ def test_query_aware_selection_recovers_exact_topk_where_pca_fails():
     jaccard = {}
     for name, basis in (("pca", pca_basis), ("qa", qa_basis)):
         stats = loki.SelectionStats()
-        loki.sparse_attention(q.float(), k.float(), k.float(), selector=loki.loki_selector(basis, 2), kf=0.25,
+        loki.sparse_attention(q.float(), k.float(), k.float(), selector=loki.loki_selector(basis, 2), spec=LokiSpec(kf=0.25),
                               scaling=0.3, stats=stats, compare_exact=True)
         jaccard[name] = stats.mean_jaccard
     assert jaccard["qa"] > 0.8

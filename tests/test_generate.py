@@ -16,6 +16,7 @@ from lokitool.calib.run import build_calibration
 from lokitool.sparse import generation as gen
 from lokitool.sparse import reference as loki
 from lokitool.sparse.cache import LokiCache, cache_nbytes
+from lokitool.sparse.reference import LokiSpec
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,12 @@ def test_full_budgets_generate_the_same_tokens_as_full_attention(tiny_gqa, loki_
     loaded, cal = tiny_gqa
     ids = random_tokens(2, 20, seed=3)
     full = gen.generate_with(loaded.model, loaded.facts, ids, 30, None)
-    settings = gen.LokiSettings(kf=1.0, df=1.0, loki_prefill=loki_prefill)
-    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, settings, cal)
+    spec = LokiSpec(kf=1.0, df=1.0)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, spec, cal, loki_prefill=loki_prefill)
     assert full.shape == (2, 30)
     assert torch.equal(got, full)
     # with small budgets the continuation departs from full attention: selection really happens
-    small = gen.generate_with(loaded.model, loaded.facts, ids, 30, gen.LokiSettings(kf=0.25, df=0.25), cal)
+    small = gen.generate_with(loaded.model, loaded.facts, ids, 30, LokiSpec(kf=0.25, df=0.25), cal)
     assert not torch.equal(small, full)
     assert loaded.model.config._attn_implementation == "sdpa"
 
@@ -44,9 +45,9 @@ def test_cache_works_with_transformers_generate(tiny_gqa):
     loaded, cal = tiny_gqa
     ids = random_tokens(1, 17, seed=4)
     full = gen.generate_with(loaded.model, loaded.facts, ids, 12, None)
-    settings = gen.LokiSettings(kf=1.0, df=1.0)
-    cache = LokiCache(gen.loki_bases(settings, cal, loaded.facts))
-    with gen.loki_attention(loaded.model, cache, settings), torch.no_grad():
+    spec = LokiSpec(kf=1.0, df=1.0)
+    cache = LokiCache(gen.loki_bases(spec, cal, loaded.facts))
+    with gen.loki_attention(loaded.model, cache, spec), torch.no_grad():
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                     past_key_values=cache)
     new = out.shape[1] - 17  # transformers stops at EOS (token 2), our loop does not
@@ -58,13 +59,13 @@ def test_cache_works_with_transformers_generate(tiny_gqa):
 def test_stored_keys_are_post_rope_keys_times_the_basis(tiny_gqa):
     loaded, cal = tiny_gqa
     ids = random_tokens(2, 25, seed=6)
-    settings = gen.LokiSettings(kf=1.0, df=1.0)
-    bases = gen.loki_bases(settings, cal, loaded.facts)  # [L, Hkv, D, D]
+    spec = LokiSpec(kf=1.0, df=1.0)
+    bases = gen.loki_bases(spec, cal, loaded.facts)  # [L, Hkv, D, D]
     cache = LokiCache(bases, max_length=40)
     dynamic = DynamicCache()
     with torch.no_grad():
         gen.prefill(loaded.model, ids, dynamic)
-        with gen.loki_attention(loaded.model, cache, settings):
+        with gen.loki_attention(loaded.model, cache, spec):
             gen.prefill(loaded.model, ids, cache)
     for i, layer in enumerate(cache.layers):
         keys, values = dynamic.layers[i].keys, dynamic.layers[i].values  # post-RoPE [B, Hkv, S, D]
@@ -81,13 +82,13 @@ def test_stored_keys_are_post_rope_keys_times_the_basis(tiny_gqa):
 
 def test_storage_is_allocated_once_or_doubled(tiny_gqa):
     loaded, cal = tiny_gqa
-    settings = gen.LokiSettings(kf=0.5, df=0.5)
-    bases = gen.loki_bases(settings, cal, loaded.facts)
+    spec = LokiSpec(kf=0.5, df=0.5)
+    bases = gen.loki_bases(spec, cal, loaded.facts)
     ids = random_tokens(1, 10, seed=2)
 
     def pointers_during(cache, steps):
         seen = []
-        with gen.loki_attention(loaded.model, cache, settings), torch.no_grad():
+        with gen.loki_attention(loaded.model, cache, spec), torch.no_grad():
             token = gen.prefill(loaded.model, ids, cache)
             for _ in range(steps):
                 seen.append((cache.layers[0]._k.data_ptr(), cache.layers[0].capacity))
@@ -107,8 +108,8 @@ def test_decode_step_equals_the_oracle_on_captured_inputs(tiny_gqa):
     q and the post-RoPE keys both rotated by the layer's basis, values as they are."""
     loaded, cal = tiny_gqa
     kf, df, d = 0.3, 0.25, 4
-    settings = gen.LokiSettings(kf=kf, df=df)
-    bases = gen.loki_bases(settings, cal, loaded.facts)
+    spec = LokiSpec(kf=kf, df=df)
+    bases = gen.loki_bases(spec, cal, loaded.facts)
     cache = LokiCache(bases, max_length=64)
     ids = random_tokens(2, 41, seed=8)
     raw_keys = {i: [] for i in range(2)}  # post-RoPE keys as the model hands them to the cache
@@ -118,7 +119,7 @@ def test_decode_step_equals_the_oracle_on_captured_inputs(tiny_gqa):
             return _update(key_states, value_states, *args, **kwargs)
         layer.update = spy
     seen = {}
-    make = gen.loki_handlers(cache, settings, head_dim=16, device=torch.device("cpu"))
+    make = gen.loki_handlers(cache, spec, head_dim=16, device=torch.device("cpu"))
 
     def capture(module):
         inner = make(module)
@@ -134,15 +135,15 @@ def test_decode_step_equals_the_oracle_on_captured_inputs(tiny_gqa):
     with route_attention(loaded.model, capture), torch.no_grad():
         gen.prefill(loaded.model, ids[:, :40], cache)
         gen.decode_one_token(loaded.model, ids[:, 40], cache)
-    assert d == settings.dims(16)
+    assert d == spec.dims(16)
     for i in range(2):
         query, value, out, scaling = seen[i]
         keys = torch.cat(raw_keys[i], dim=2)  # [B, Hkv, 41, D]
         q_rot, k_rot = loki.rotate(query, bases[i])[:, :, 0], loki.rotate(keys, bases[i])
         lengths = torch.full((2,), 41)
-        want = loki.decode_attention(q_rot, k_rot, value, lengths, d=d, kf=kf, scaling=scaling)
+        want = loki.decode_attention(q_rot, k_rot, value, lengths, spec=spec, scaling=scaling)
         torch.testing.assert_close(out[:, 0], want, rtol=1e-5, atol=1e-5)
-        kept = loki.decode_select(q_rot, k_rot, lengths, d=d, kf=kf).sum(-1)
+        kept = loki.decode_select(q_rot, k_rot, lengths, spec=spec).sum(-1)
         assert (kept == math.floor(kf * 41)).all()  # 12 of 41 keys per head
         # and it is not full attention over the step's keys
         dense = torch.softmax((q_rot[:, :, None] @ loki.expand_kv(k_rot, 6).transpose(-1, -2)) * scaling, -1)
@@ -152,13 +153,13 @@ def test_decode_step_equals_the_oracle_on_captured_inputs(tiny_gqa):
 
 def test_memory_equals_dynamic_cache(tiny_gqa):
     loaded, cal = tiny_gqa
-    settings = gen.LokiSettings(kf=0.5, df=0.5)
+    spec = LokiSpec(kf=0.5, df=0.5)
     ids = random_tokens(2, 30, seed=9)
     n_new = 12
     dynamic = DynamicCache()
-    cache = LokiCache(gen.loki_bases(settings, cal, loaded.facts), max_length=30 + n_new)
+    cache = LokiCache(gen.loki_bases(spec, cal, loaded.facts), max_length=30 + n_new)
     gen.generate(loaded.model, ids, n_new + 1, dynamic)
-    with gen.loki_attention(loaded.model, cache, settings):
+    with gen.loki_attention(loaded.model, cache, spec):
         gen.generate(loaded.model, ids, n_new + 1, cache)
     per_layer = 2 * 2 * 2 * (30 + n_new) * 16 * 4  # K and V, B=2, Hkv=2, 42 tokens, D=16, float32
     assert cache_nbytes(dynamic) == 2 * per_layer
@@ -170,29 +171,20 @@ def test_memory_equals_dynamic_cache(tiny_gqa):
 
 def test_cache_refuses_to_overflow_a_fixed_length(tiny_gqa):
     loaded, cal = tiny_gqa
-    settings = gen.LokiSettings(kf=1.0, df=1.0)
-    cache = LokiCache(gen.loki_bases(settings, cal, loaded.facts), max_length=12)
-    with gen.loki_attention(loaded.model, cache, settings), pytest.raises(ValueError, match="max_length=12"):
+    spec = LokiSpec(kf=1.0, df=1.0)
+    cache = LokiCache(gen.loki_bases(spec, cal, loaded.facts), max_length=12)
+    with gen.loki_attention(loaded.model, cache, spec), pytest.raises(ValueError, match="max_length=12"):
         gen.generate(loaded.model, random_tokens(1, 10, seed=1), 5, cache)
-
-
-def test_settings_errors():
-    from lokitool.errors import UserError
-
-    with pytest.raises(UserError, match="--kf"):
-        gen.LokiSettings(kf=0.0, df=0.5)
-    with pytest.raises(UserError, match="unknown basis"):
-        gen.LokiSettings(kf=0.5, df=0.5, basis="nope")
 
 
 def test_chunked_prefill_equals_one_pass(tiny_gqa):
     loaded, cal = tiny_gqa
     ids = random_tokens(2, 23, seed=11)
-    settings = gen.LokiSettings(kf=0.5, df=0.5)
+    spec = LokiSpec(kf=0.5, df=0.5)
     outs = []
     for chunk in (None, 7):
-        cache = LokiCache(gen.loki_bases(settings, cal, loaded.facts))
-        with gen.loki_attention(loaded.model, cache, settings):
+        cache = LokiCache(gen.loki_bases(spec, cal, loaded.facts))
+        with gen.loki_attention(loaded.model, cache, spec):
             outs.append(gen.generate(loaded.model, ids, 10, cache, prefill_chunk=chunk))
     assert torch.equal(outs[0], outs[1])
 
@@ -237,6 +229,6 @@ def test_embedded_model_greedy_tokens_equal_full_attention(embedded_model):
     assert ids[0] == loaded.facts.bos_token_id and ids[1] != ids[0]  # BOS once at the start, not doubled
     x = torch.tensor([ids])
     full = gen.generate_with(loaded.model, loaded.facts, x, 16, None)
-    got = gen.generate_with(loaded.model, loaded.facts, x, 16, gen.LokiSettings(kf=1.0, df=1.0), cal)
+    got = gen.generate_with(loaded.model, loaded.facts, x, 16, LokiSpec(kf=1.0, df=1.0), cal)
     assert torch.equal(got, full)
     assert len(loaded.tokenizer.decode(full[0], skip_special_tokens=True).strip()) > 0

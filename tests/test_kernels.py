@@ -28,13 +28,13 @@ from lokitool.kernels import (  # noqa: E402
     kept_mask,
     loki_decode,
     loki_scores,
-    max_budget,
     select_topk,
     sparse_decode_attention,
     split_keys,
 )
 
 from lokitool.sparse import reference as loki  # noqa: E402
+from lokitool.sparse.reference import LokiSpec  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +167,7 @@ def test_select_is_exact_topk(kind, block_cap, kf):
     lengths = torch.tensor([300, 1, 200, 129], dtype=torch.int32)
     scores = _scores_of(kind, (4, 2, s), seed=len(kind))
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
-    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=max_budget(s, kf), block_cap=block_cap)
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), block_cap=block_cap)
     got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
     want = stable_topk_mask(scores, lengths, budgets)
     if not torch.equal(got, want):
@@ -185,7 +185,7 @@ def test_select_longer_rows(kind):
     lengths = torch.tensor([1500, 700, 257], dtype=torch.int32)
     scores = _scores_of(kind, (3, 2, s), seed=7)
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
-    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=max_budget(s, kf))
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s))
     got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
     want = stable_topk_mask(scores, lengths, budgets)
     assert torch.equal(got, want), f"{(got != want).sum()} disagreements"
@@ -203,7 +203,7 @@ def test_sparse_attention_any_split(nsplit, group):
     lengths = torch.tensor([150, 7, 1], dtype=torch.int32)
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
     scores = reference_scores(q, k, 16, group).float()
-    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=max_budget(s, kf))
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s))
     got = sparse_decode_attention(q, k, v, idx, budgets.to(DEVICE), scaling=dim**-0.5, group=group, nsplit=nsplit)
     keep = kept_mask(idx, budgets.to(DEVICE), s).cpu()
     if group == "kv":
@@ -231,25 +231,26 @@ def check_decode(b, h, hkv, s, dim, d, kf, lens, dtype, group, layout):
     keys = split_keys(k, d) if layout == "split" else k
     lengths = torch.tensor(lens, dtype=torch.int32)
     scaling = dim**-0.5
-    got = loki_decode(q, keys, v, lengths.to(DEVICE), d=d, kf=kf, scaling=scaling, group=group)
+    spec = LokiSpec(kf=kf, df=d / dim, group=group)
+    got = loki_decode(q, keys, v, lengths.to(DEVICE), spec=spec, scaling=scaling)
     assert got.shape == (b, h, dim) and got.dtype == torch.float32 and bool(got.isfinite().all())
 
     # the kept sets: recomputed from the kernel stages, compared with the oracle's
     budgets = loki.decode_budget(lengths.long(), kf)
     idx = select_topk(loki_scores(q, keys, lengths.to(DEVICE), d=d, group=group), lengths.to(DEVICE),
-                      budgets.to(DEVICE), kmax=max_budget(s, kf))
+                      budgets.to(DEVICE), kmax=spec.max_budget(s))
     kept = kept_mask(idx, budgets.to(DEVICE), s).cpu()
     scores64 = reference_scores(q, k, d, group)
     if group == "kv":
         kept, scores64 = kept.repeat_interleave(h // hkv, 1), scores64.repeat_interleave(h // hkv, 1)
-    ref_keep = loki.decode_select(q.cpu(), k.cpu(), lengths.long(), d=d, kf=kf, group=group)
+    ref_keep = loki.decode_select(q.cpu(), k.cpu(), lengths.long(), spec=spec)
     check_recall(kept, ref_keep, scores64, budgets, what="kept set")
 
     # exact attention over the kernel's own kept set, and the oracle end to end
     over_kept = loki.attend(q.cpu()[:, :, None], k.cpu(), v.cpu(), kept[:, :, None], scaling)[:, :, 0]
     assert_close(got, over_kept, **TOL[dtype], what="attention over the kept set")
     if torch.equal(kept, ref_keep):
-        oracle = loki.decode_attention(q.cpu(), k.cpu(), v.cpu(), lengths.long(), d=d, kf=kf, scaling=scaling, group=group)
+        oracle = loki.decode_attention(q.cpu(), k.cpu(), v.cpu(), lengths.long(), spec=spec, scaling=scaling)
         assert_close(got, oracle, **TOL[dtype], what="loki_decode vs loki.decode_attention")
 
 
@@ -282,10 +283,10 @@ def test_tied_scores_keep_exactly_k_lowest_index_first():
     lengths = torch.tensor([90, 61], dtype=torch.int32)
     budgets = loki.decode_budget(lengths.long(), kf)
     scores = loki_scores(q, k, lengths.to(DEVICE), d=d, group="head")
-    idx = select_topk(scores, lengths.to(DEVICE), budgets.to(DEVICE), kmax=max_budget(s, kf))
+    idx = select_topk(scores, lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s))
     got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
     assert torch.equal(got, stable_topk_mask(scores.cpu(), lengths, budgets))
-    out = loki_decode(q, k, v, lengths.to(DEVICE), d=d, kf=kf, scaling=dim**-0.5)
+    out = loki_decode(q, k, v, lengths.to(DEVICE), spec=LokiSpec(kf=kf, df=d / dim), scaling=dim**-0.5)
     want = loki.attend(q.cpu()[:, :, None], k.cpu(), v.cpu(), got[:, :, None], dim**-0.5)[:, :, 0]
     assert_close(out, want, **TOL[torch.float16], what="attention with ties")
 
@@ -295,9 +296,6 @@ def test_tied_scores_keep_exactly_k_lowest_index_first():
     [
         (dict(d=0), "d=0"),
         (dict(d=65), "d=65"),
-        (dict(kf=0.0), "kf=0.0"),
-        (dict(kf=1.5), "kf=1.5"),
-        (dict(group="query"), "group"),
         (dict(lengths=torch.tensor([0, 5])), "lengths"),
         (dict(lengths=torch.tensor([5, 41])), "lengths"),
         (dict(dtype=torch.float32), "dtype"),
@@ -309,7 +307,7 @@ def test_bad_inputs_are_refused(change, message):
     q, k, v = make_cache(2, 4, 2, 40, 64, change.pop("dtype", torch.float16))
     if "split" in change:
         k = split_keys(k, change.pop("split"))
-    args = dict(d=16, kf=0.25, group="head", lengths=torch.tensor([40, 3]))
+    args = dict(d=16, lengths=torch.tensor([40, 3]))
     args.update(change)
     with pytest.raises(ValueError, match=message):
         check_inputs(q, k, v, args.pop("lengths"), **args)

@@ -14,6 +14,7 @@ from lokitool.errors import UserError
 from lokitool.sparse import reference as loki
 from lokitool.sparse.attention import MethodSpec, patched
 from lokitool.sparse.bases import random_basis
+from lokitool.sparse.reference import LokiSpec
 
 
 def qkv(b=2, h=6, hkv=2, sq=37, sk=37, d=16, seed=0):
@@ -61,8 +62,8 @@ def brute_force(q, k, v, basis, d, kf, scaling, budget="per-row", sink=0):
 def test_reference_matches_brute_force(budget, sink, offset):
     q, k, v = qkv(b=2, h=6, hkv=2, sq=23, sk=23 + offset, d=8)
     basis = random_basis(1, 2, 8, seed=3)[0].float()
-    got = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 3), kf=0.3, scaling=0.35,
-                                budget=budget, sink=sink, block_rows=7)
+    got = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 3), scaling=0.35,
+                                spec=LokiSpec(kf=0.3, budget=budget, sink=sink), block_rows=7)
     want = brute_force(q, k, v, basis, 3, 0.3, 0.35, budget, sink)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -72,9 +73,9 @@ def test_full_budget_equals_dense_attention():
     want = dense(q, k, v, 0.25)
     basis = random_basis(1, 2, 16)[0].float()
     for selector in (loki.loki_selector(basis, 16), loki.exact_topk_selector(), loki.full_selector()):
-        got = loki.sparse_attention(q, k, v, selector=selector, kf=1.0, scaling=0.25)
+        got = loki.sparse_attention(q, k, v, selector=selector, spec=LokiSpec(kf=1.0), scaling=0.25)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loki.h2o_attention(q, k, v, kf=1.0, scaling=0.25), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loki.h2o_attention(q, k, v, spec=LokiSpec(kf=1.0), scaling=0.25), want, rtol=1e-5, atol=1e-6)
 
 
 def test_selection_is_causal_and_respects_budgets():
@@ -119,7 +120,7 @@ def test_group_selection_shares_keys_within_a_kv_group():
 
     loki.attend, saved = spy, loki.attend
     try:
-        loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 4), kf=0.3, scaling=0.25, group="kv", stats=stats, compare_exact=True)
+        loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 4), spec=LokiSpec(kf=0.3, group="kv"), scaling=0.25, stats=stats, compare_exact=True)
     finally:
         loki.attend = saved
     keep = captured["keep"]
@@ -131,9 +132,9 @@ def test_group_selection_shares_keys_within_a_kv_group():
 def test_decode_reference_equals_last_row_of_prefill():
     q, k, v = qkv(b=1, h=6, hkv=2, sq=1, sk=41)
     basis = random_basis(1, 2, 16)[0].float()
-    prefill = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 5), kf=0.25, scaling=0.25)
+    prefill = loki.sparse_attention(q, k, v, selector=loki.loki_selector(basis, 5), spec=LokiSpec(kf=0.25), scaling=0.25)
     q_rot, k_rot = loki.rotate(q, basis)[:, :, 0], loki.rotate(k, basis)
-    decode = loki.decode_attention(q_rot, k_rot, v, torch.tensor([41]), d=5, kf=0.25, scaling=0.25)
+    decode = loki.decode_attention(q_rot, k_rot, v, torch.tensor([41]), spec=LokiSpec(kf=0.25, df=5 / 16), scaling=0.25)
     torch.testing.assert_close(decode, prefill[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
@@ -141,11 +142,11 @@ def test_decode_reference_ragged_lengths_ignore_padding():
     q_rot, k_rot, v = qkv(b=2, h=4, hkv=2, sq=1, sk=30)
     q_rot = q_rot[:, :, 0]
     lengths = torch.tensor([30, 11])
-    keep = loki.decode_select(q_rot, k_rot, lengths, d=4, kf=0.5)
+    keep = loki.decode_select(q_rot, k_rot, lengths, spec=LokiSpec(kf=0.5, df=4 / 16))
     assert keep[1, :, 11:].sum() == 0
     assert keep.sum(-1).tolist() == [[15] * 4, [5] * 4]
-    out_short = loki.decode_attention(q_rot[1:], k_rot[1:, :, :11], v[1:, :, :11], torch.tensor([11]), d=4, kf=0.5, scaling=0.3)
-    out_padded = loki.decode_attention(q_rot, k_rot, v, lengths, d=4, kf=0.5, scaling=0.3)[1:]
+    out_short = loki.decode_attention(q_rot[1:], k_rot[1:, :, :11], v[1:, :, :11], torch.tensor([11]), spec=LokiSpec(kf=0.5, df=4 / 16), scaling=0.3)
+    out_padded = loki.decode_attention(q_rot, k_rot, v, lengths, spec=LokiSpec(kf=0.5, df=4 / 16), scaling=0.3)[1:]
     torch.testing.assert_close(out_padded, out_short)
 
 
@@ -164,7 +165,7 @@ def test_loki_full_budget_reproduces_model_logits(tiny_with_calibration, basis):
     tokens = random_tokens(2, 33, seed=5)
     with torch.no_grad():
         want = loaded.model(input_ids=tokens).logits
-        for spec in (MethodSpec("loki", kf=1.0, df=1.0, basis=basis), MethodSpec("exact-topk", kf=1.0), MethodSpec("h2o", kf=1.0)):
+        for spec in (MethodSpec("loki", LokiSpec(kf=1.0, df=1.0, basis=basis)), MethodSpec("exact-topk", LokiSpec(kf=1.0)), MethodSpec("h2o", LokiSpec(kf=1.0))):
             with patched(loaded.model, loaded.facts, spec, cal) as rec:
                 got = loaded.model(input_ids=tokens).logits
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -176,7 +177,7 @@ def test_loki_in_model_selects_with_per_row_budgets(tiny_with_calibration):
     """Inside the model, selection really happens, with exactly the per-row budgets' kept fraction."""
     loaded, cal = tiny_with_calibration
     tokens = random_tokens(1, 40, seed=7)
-    spec = MethodSpec("loki", kf=0.25, df=0.25, basis="pre")
+    spec = MethodSpec("loki", LokiSpec(kf=0.25, df=0.25, basis="pre"))
     with patched(loaded.model, loaded.facts, spec, cal) as rec, torch.no_grad():
         sparse_logits = loaded.model(input_ids=tokens).logits
     with torch.no_grad():
@@ -190,20 +191,22 @@ def test_loki_in_model_selects_with_per_row_budgets(tiny_with_calibration):
 
 def test_method_spec_validation():
     with pytest.raises(UserError, match="unknown method"):
-        MethodSpec("magic", kf=0.5)
+        MethodSpec("magic", LokiSpec(kf=0.5))
     with pytest.raises(UserError, match=r"\(0, 1\]"):
-        MethodSpec("loki", kf=1.5, df=0.5)
+        MethodSpec("loki", LokiSpec(kf=1.5, df=0.5))
     with pytest.raises(UserError, match=r"\(0, 1\]"):
-        MethodSpec("loki", kf=0.5, df=0.0)
+        MethodSpec("loki", LokiSpec(kf=0.5, df=0.0))
     with pytest.raises(UserError, match="exactly one"):
-        MethodSpec("loki", kf=0.5)
+        MethodSpec("loki", LokiSpec(kf=0.5, df=None))
+    with pytest.raises(UserError, match="needs --kf"):
+        MethodSpec("exact-topk")
 
 
 def test_calibration_of_another_model_is_refused(tiny_with_calibration):
     _, cal = tiny_with_calibration
     other = tiny_llama(num_heads=4, num_kv_heads=4, head_dim=16)
     with pytest.raises(UserError, match="calibrate this model first"):
-        with patched(other.model, other.facts, MethodSpec("loki", kf=0.5, df=0.5), cal):
+        with patched(other.model, other.facts, MethodSpec("loki", LokiSpec(kf=0.5, df=0.5)), cal):
             pass
 
 
@@ -218,6 +221,65 @@ def test_embedded_loki_full_budget_matches_full_attention(embedded_model, tmp_pa
     tokens = windows.tokens[:1]
     with torch.no_grad():
         want = embedded_model.model(input_ids=tokens).logits
-        with patched(embedded_model.model, embedded_model.facts, MethodSpec("loki", kf=1.0, df=1.0, basis="post"), cal):
+        with patched(embedded_model.model, embedded_model.facts, MethodSpec("loki", LokiSpec(kf=1.0, df=1.0, basis="post")), cal):
             got = embedded_model.model(input_ids=tokens).logits
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# LokiSpec: the one owner of d, budgets and their validation
+
+
+def test_dims_round_half_up_and_stay_in_range():
+    assert LokiSpec(df=0.25).dims(64) == 16
+    assert LokiSpec(df=0.25).dims(10) == 3  # 2.5 rounds up (Python's round() would give 2)
+    assert LokiSpec(df=0.24).dims(10) == 2
+    assert LokiSpec(df=0.001).dims(64) == 1  # never below 1
+    assert LokiSpec(df=1.0).dims(64) == 64
+    assert all(LokiSpec(df=d / 48).dims(48) == d for d in range(1, 49))  # df = d / D gives d back
+
+
+def test_token_budget_per_row_and_window():
+    visible = torch.tensor([1, 3, 4, 8, 40])
+    assert loki.token_budget(visible, 0.25).tolist() == [1, 1, 1, 2, 10]
+    assert loki.token_budget(visible, 0.25, "window", 8).tolist() == [1, 2, 2, 2, 2]
+    spec = LokiSpec(kf=0.3)
+    assert spec.max_budget(70) == 21 == int(spec.budgets(torch.tensor([70])))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kf=0.0), r"--kf must be in \(0, 1\]"),
+        (dict(kf=1.5), r"--kf must be in \(0, 1\]"),
+        (dict(df=0.0), r"--df must be in \(0, 1\]"),
+        (dict(df=0.5, variance=0.9), "one of --df and --variance"),
+        (dict(basis="nope"), "unknown basis"),
+        (dict(budget="all"), "--budget"),
+        (dict(group="layer"), "--group"),
+        (dict(sink=-1), "--sink"),
+    ],
+)
+def test_spec_refuses_bad_settings(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        LokiSpec(**kwargs)
+
+
+@pytest.mark.parametrize("group", ["head", "kv"])
+def test_decode_gather_equals_masked_dense_attention(group):
+    """The staged decode (scores -> top-k indices -> gathered attention) equals exact attention
+    under decode_select's keep mask, computed densely here."""
+    g = torch.Generator().manual_seed(1)
+    b, h, hkv, s, dim = 3, 6, 2, 70, 32
+    q = torch.randn(b, h, dim, generator=g)
+    k = torch.randn(b, hkv, s, dim, generator=g)
+    v = torch.randn(b, hkv, s, dim, generator=g)
+    lengths = torch.tensor([70, 1, 33])
+    spec = LokiSpec(kf=0.3, df=8 / dim, group=group)
+    got = loki.decode_attention(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    keep = loki.decode_select(q, k, lengths, spec=spec)  # [B, H, S]
+    assert keep.sum(-1).tolist() == [[21] * h, [1] * h, [9] * h]
+    scores = (q[:, :, None] @ loki.expand_kv(k, h).transpose(-1, -2))[:, :, 0] * dim**-0.5
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1)
+    want = (probs[:, :, None] @ loki.expand_kv(v, h))[:, :, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

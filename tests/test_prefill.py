@@ -27,6 +27,7 @@ from lokitool.kernels.loki_prefill import sparse_prefill  # noqa: E402
 from lokitool.errors import UserError  # noqa: E402
 from lokitool.sparse import reference as loki  # noqa: E402
 from lokitool.sparse.attention import MethodSpec, patched, resolve_backend  # noqa: E402
+from lokitool.sparse.reference import LokiSpec  # noqa: E402
 
 TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
@@ -64,7 +65,8 @@ def test_prefill_matches_oracle(case):
     b, h, hkv, sq, sk, dim, d, kf, budget, sink, group, block_rows, dtype = case
     q, k, v = _qkv(b, h, hkv, sq, sk, dim, dtype, seed=sq)
     selector = loki.loki_selector(_basis(hkv, dim, seed=dim), d)
-    common = dict(selector=selector, kf=kf, scaling=dim**-0.5, budget=budget, sink=sink, group=group, block_rows=block_rows, compare_exact=True)
+    spec = LokiSpec(kf=kf, budget=budget, sink=sink, group=group)
+    common = dict(selector=selector, spec=spec, scaling=dim**-0.5, block_rows=block_rows, compare_exact=True)
     ref_stats, got_stats = loki.SelectionStats(), loki.SelectionStats()
     want = loki.sparse_attention(q, k, v, stats=ref_stats, **common)
     got = sparse_prefill(q, k, v, stats=got_stats, **common)
@@ -82,7 +84,7 @@ def test_prefill_matches_oracle(case):
 def test_prefill_exact_topk_keeps_what_dense_attention_would():
     """kf = 1 keeps every causal key: the output is plain causal attention (independent of loki.py)."""
     q, k, v = _qkv(1, 4, 2, 24, 24, 32, torch.float16, seed=7)
-    got = sparse_prefill(q, k, v, selector=loki.exact_topk_selector(), kf=1.0, scaling=32**-0.5, block_rows=10)
+    got = sparse_prefill(q, k, v, selector=loki.exact_topk_selector(), spec=LokiSpec(kf=1.0), scaling=32**-0.5, block_rows=10)
     want = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(2, dim=1), v.float().repeat_interleave(2, dim=1), is_causal=True
     )
@@ -94,7 +96,7 @@ def test_patched_model_same_logits_on_both_backends():
     loaded, cal = tiny_calibrated()
     model = loaded.model.to(device=DEVICE, dtype=torch.float16)
     tokens = random_tokens(1, 24, seed=3).to(DEVICE)
-    spec = MethodSpec("loki", kf=0.25, df=0.25, basis="post", sink=1)
+    spec = MethodSpec("loki", LokiSpec(kf=0.25, df=0.25, basis="post", sink=1))
     logits = {}
     for backend in ("torch", "triton"):
         with torch.inference_mode(), patched(model, loaded.facts, spec, cal, backend) as recorder:

@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..results import git_hash
 from ..sparse import generation as gen
 from ..sparse.cache import LokiCache, cache_nbytes
+from ..sparse.reference import LokiSpec
 
 METHODS = ("full", "full-prealloc", "loki")
 
@@ -89,11 +90,11 @@ class E2EConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-        self.settings()  # validates kf, df, basis, group
+        self.spec()  # validates kf, df, basis, group
 
-    def settings(self) -> gen.LokiSettings:
+    def spec(self) -> LokiSpec:
         basis = self.basis if self.calibration else "random"
-        return gen.LokiSettings(kf=self.kf, df=self.df, basis=basis, group=self.group)
+        return LokiSpec(kf=self.kf, df=self.df, basis=basis, group=self.group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,11 +152,11 @@ class RegionTimer:
 
 
 @contextlib.contextmanager
-def instrumented(method: str, model: nn.Module, cache, settings: gen.LokiSettings, head_dim: int,
+def instrumented(method: str, model: nn.Module, cache, spec: LokiSpec, head_dim: int,
                  device: torch.device, timer: RegionTimer) -> Iterator[None]:
     """Route attention for `method` with every attention call and cache update timed."""
     if method == "loki":
-        make = gen.loki_handlers(cache, settings, head_dim, device)
+        make = gen.loki_handlers(cache, spec, head_dim, device)
     else:
         dense = sdpa_attention()
         make = lambda module: dense  # noqa: E731  (the stock SDPA function, behind the same route)
@@ -187,7 +188,7 @@ def _new_cache(method: str, loki_bases: torch.Tensor, num_layers: int, capacity:
 def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: torch.Tensor, ids: torch.Tensor) -> dict:
     model, facts = loaded.model, loaded.facts
     device = ids.device
-    settings = cfg.settings()
+    spec = cfg.spec()
     capacity = cfg.prompt_len + cfg.warmup + cfg.new_tokens + cfg.profile_tokens
     cache = _new_cache(method, loki_bases, facts.num_layers, capacity)
     timer = RegionTimer(device)
@@ -206,7 +207,7 @@ def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: tor
         last_logits[0] = logits
         return token
 
-    with instrumented(method, model, cache, settings, facts.head_dim, device, timer), torch.no_grad():
+    with instrumented(method, model, cache, spec, facts.head_dim, device, timer), torch.no_grad():
         _sync(device)
         start = time.perf_counter()
         token = gen.prefill(model, ids, cache, cfg.prefill_chunk)
@@ -236,9 +237,9 @@ def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: tor
         "context_end": cfg.prompt_len + cfg.warmup + cfg.new_tokens,
         "kf": cfg.kf if method == "loki" else None,
         "df": cfg.df if method == "loki" else None,
-        "d": settings.dims(facts.head_dim) if method == "loki" else None,
-        "basis": settings.basis if method == "loki" else None,
-        "group": settings.group if method == "loki" else None,
+        "d": spec.dims(facts.head_dim) if method == "loki" else None,
+        "basis": spec.basis if method == "loki" else None,
+        "group": spec.group if method == "loki" else None,
         "prefill_s": prefill_s,
         "per_token_ms": median * 1e3,
         "p10_ms": p10 * 1e3,
@@ -292,8 +293,8 @@ def run_e2e(cfg: E2EConfig, loaded: LoadedModel | None = None, progress: Callabl
     if facts.max_positions is not None and cfg.prompt_len + cfg.warmup + cfg.new_tokens + cfg.profile_tokens > facts.max_positions:
         raise UserError(f"prompt plus new tokens exceed {facts.model_id}'s {facts.max_positions} positions; lower --prompt-len")
     calibration = Calibration.load(cfg.calibration) if cfg.calibration else None
-    settings = cfg.settings()
-    loki_bases = gen.loki_bases(settings, calibration, facts) if "loki" in cfg.methods else None
+    spec = cfg.spec()
+    loki_bases = gen.loki_bases(spec, calibration, facts) if "loki" in cfg.methods else None
     vocab = loaded.model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(3, vocab, (cfg.batch, cfg.prompt_len), generator=g)

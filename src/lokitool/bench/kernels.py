@@ -3,7 +3,7 @@
 One decode step (one query token per sequence) over a KV cache of random float16/bfloat16 data,
 keys already in the PCA basis. Methods:
     sdpa         torch.nn.functional.scaled_dot_product_attention over the whole cache
-    loki-torch   the reference built from lokitool.loki (float32 scores, torch.topk, gather, SDPA)
+    loki-torch   the reference's decode stages (sparse/reference.py: float32 scores, torch.topk, gather)
     loki-triton  lokitool.kernels.loki_decode (scores -> threshold top-k -> sparse flash-decoding)
 Every point reports the median time and its spread (10th/90th percentiles) of CUDA-graph replays
 with the L2 cache flushed before each (triton.testing.do_bench), the time of each stage, the
@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import math
 import platform
 import statistics
 import time
@@ -42,7 +41,8 @@ from .. import __version__, fileio
 from ..errors import UserError
 from ..fileio import atomic_path, ensure_writable_dir, write_text_atomic
 from ..results import git_hash
-from ..sparse.reference import decode_budget, dims_for, expand_kv
+from ..sparse import reference as ref
+from ..sparse.reference import LokiSpec, expand_kv
 
 # Attention shapes (query heads, KV heads, head dim) of well-known models.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -59,7 +59,6 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 DEFAULT_PRESET = "llama2-13b"
 METHODS = ("sdpa", "loki-torch", "loki-triton")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-GROUPS = ("head", "kv")
 LAYOUTS = ("split", "plain")  # loki-triton's keys: two planes split after dim d (the Loki layout), or one tensor
 
 CSV_COLUMNS = [
@@ -81,11 +80,9 @@ class BenchConfig:
     head_dim: int
     batch_sizes: tuple[int, ...] = (1, 16)
     seq_lens: tuple[int, ...] = (4096, 16384, 65536)
-    kf: float = 0.25
-    df: float = 0.25
+    spec: LokiSpec = LokiSpec()  # kf, df (d = spec.dims(D)) and group; the basis does not change speed
     dtype: str = "float16"
     methods: tuple[str, ...] = METHODS
-    group: str = "head"
     layout: str = "split"
     output_path: Path = Path("runs/bench")
     device: str = "auto"
@@ -102,15 +99,11 @@ class BenchConfig:
             raise UserError("--batch-size takes positive integers, e.g. --batch-size 1,16")
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise UserError("--seq-len takes positive integers, e.g. --seq-len 4096,16384")
-        if not 0.0 < self.kf <= 1.0 or not 0.0 < self.df <= 1.0:
-            raise UserError(f"--kf and --df are fractions in (0, 1] (got {self.kf}, {self.df})")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise UserError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {','.join(METHODS)}")
-        if self.group not in GROUPS:
-            raise UserError(f"--group {self.group} is not one of {', '.join(GROUPS)}")
         if self.layout not in LAYOUTS:
             raise UserError(f"--layout {self.layout} is not one of {', '.join(LAYOUTS)}")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -118,10 +111,12 @@ class BenchConfig:
 
     @property
     def d(self) -> int:
-        return dims_for(self.df, self.head_dim)
+        return self.spec.dims(self.head_dim)
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        spec = out.pop("spec")
+        out.update(kf=spec["kf"], df=spec["df"], group=spec["group"])
         out["output_path"] = str(self.output_path)
         return out
 
@@ -251,9 +246,7 @@ class Point:
     kv_heads: int
     head_dim: int
     seq_len: int
-    kf: float
-    d: int
-    group: str
+    spec: LokiSpec
     dtype: torch.dtype
     layout: str = "split"
 
@@ -262,8 +255,16 @@ class Point:
         return torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def d(self) -> int:
+        return self.spec.dims(self.head_dim)
+
+    @property
+    def group(self) -> str:
+        return self.spec.group
+
+    @property
     def k(self) -> int:
-        return max(1, math.floor(self.kf * self.seq_len))  # decode_budget for a full cache
+        return self.spec.max_budget(self.seq_len)  # the budget of a full cache
 
     @property
     def rows(self) -> int:
@@ -332,48 +333,6 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: floa
     return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scaling)[:, :, 0]
 
 
-# The loki-torch reference, in the three stages the kernels have.
-
-
-def torch_scores(q: torch.Tensor, k: torch.Tensor, *, d: int, group: str) -> torch.Tensor:
-    """[B, R, S] float32: loki.decode_select's scores (per query head, or summed per KV group)."""
-    b, h, _ = q.shape
-    hkv = k.shape[1]
-    scores = (q[:, :, None, :d].float() @ expand_kv(k[..., :d], h).float().transpose(-1, -2))[:, :, 0]
-    if group == "kv":
-        scores = scores.reshape(b, hkv, h // hkv, -1).sum(2)
-    return scores
-
-
-def torch_select(scores: torch.Tensor, lengths: torch.Tensor, kmax: int) -> torch.Tensor:
-    """Top-kmax token indices [B, R, kmax] (best first) among the valid tokens of each row."""
-    valid = torch.arange(scores.shape[-1], device=scores.device)[None, :] < lengths[:, None]
-    return scores.masked_fill(~valid[:, None], float("-inf")).topk(kmax, dim=-1).indices
-
-
-def torch_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top: torch.Tensor, budgets: torch.Tensor, *, scaling: float, group: str
-) -> torch.Tensor:
-    """Gather the kept K/V rows of each selection row and run SDPA over them: [B, H, D]."""
-    b, h, dim = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    rows, kmax = top.shape[1], top.shape[2]
-    kv_head = torch.arange(rows, device=q.device) // (h // hkv) if group == "head" else torch.arange(rows, device=q.device)
-    flat = (torch.arange(b, device=q.device)[:, None, None] * hkv + kv_head[None, :, None]) * s + top  # [B, R, kmax]
-    k_sel = k.reshape(-1, dim)[flat]  # [B, R, kmax, D]
-    v_sel = v.reshape(-1, dim)[flat]
-    listed = torch.arange(kmax, device=q.device)[None, :] < budgets[:, None]  # [B, kmax]
-    qg = q.reshape(b, rows, h // rows, dim)
-    out = F.scaled_dot_product_attention(qg, k_sel, v_sel, attn_mask=listed[:, None, None, :], scale=scaling)
-    return out.reshape(b, h, dim)
-
-
-def loki_torch_decode(q, k, v, lengths, *, d: int, kf: float, scaling: float, group: str) -> torch.Tensor:
-    budgets = decode_budget(lengths.long(), kf)
-    top = torch_select(torch_scores(q, k, d=d, group=group), lengths, max(1, math.floor(kf * k.shape[2])))
-    return torch_sparse_attention(q, k, v, top, budgets, scaling=scaling, group=group)
-
-
 @dataclass
 class MethodResult:
     median_ms: float | None = None
@@ -390,24 +349,24 @@ def _stage_fns(method: str, x: dict, p: Point, scaling: float) -> tuple[Callable
     q, k, v, lengths = x["q"], x["k"], x["v"], x["lengths"]
     if method == "sdpa":
         return (lambda: sdpa_decode(q, k, v, scaling)), {}
-    budgets = decode_budget(lengths.long(), p.kf)
-    if method == "loki-torch":
-        scores = torch_scores(q, k, d=p.d, group=p.group)
-        top = torch_select(scores, lengths, p.k)
-        whole = lambda: loki_torch_decode(q, k, v, lengths, d=p.d, kf=p.kf, scaling=scaling, group=p.group)
+    budgets = ref.decode_budget(lengths.long(), p.spec.kf)
+    if method == "loki-torch":  # the reference's three decode stages
+        scores = ref.decode_scores(q, k, d=p.d, group=p.group)
+        top = ref.decode_topk(scores, lengths, p.k)
+        whole = lambda: ref.decode_attention(q, k, v, lengths, spec=p.spec, scaling=scaling)
         return whole, {
-            "score": lambda: torch_scores(q, k, d=p.d, group=p.group),
-            "select": lambda: torch_select(scores, lengths, p.k),
-            "attn": lambda: torch_sparse_attention(q, k, v, top, budgets, scaling=scaling, group=p.group),
+            "score": lambda: ref.decode_scores(q, k, d=p.d, group=p.group),
+            "select": lambda: ref.decode_topk(scores, lengths, p.k),
+            "attn": lambda: ref.decode_gather_attention(q, k, v, top, budgets, scaling=scaling, group=p.group),
         }
-    from ..kernels import loki_decode, loki_scores, max_budget, select_topk, sparse_decode_attention
+    from ..kernels import loki_decode, loki_scores, select_topk, sparse_decode_attention
 
     k = triton_keys(x, p)
     budgets32 = budgets.to(torch.int32)
-    kmax = max_budget(p.seq_len, p.kf)
+    kmax = p.k
     scores = loki_scores(q, k, lengths, d=p.d, group=p.group)
     idx = select_topk(scores, lengths, budgets32, kmax=kmax)
-    whole = lambda: loki_decode(q, k, v, lengths, d=p.d, kf=p.kf, scaling=scaling, group=p.group)
+    whole = lambda: loki_decode(q, k, v, lengths, spec=p.spec, scaling=scaling)
     return whole, {
         "score": lambda: loki_scores(q, k, lengths, d=p.d, group=p.group),
         "select": lambda: select_topk(scores, lengths, budgets32, kmax=kmax),
@@ -463,7 +422,7 @@ def make_row(method: str, p: Point, res: MethodResult, env: Environment, cfg: Be
     st = res.stages
     return {
         "gpu": env.gpu, "method": method, "batch": str(p.batch), "heads": str(p.heads), "kv_heads": str(p.kv_heads),
-        "head_dim": str(p.head_dim), "seq_len": str(p.seq_len), "kf": str(cfg.kf), "df": str(cfg.df), "d": str(p.d),
+        "head_dim": str(p.head_dim), "seq_len": str(p.seq_len), "kf": str(cfg.spec.kf), "df": str(cfg.spec.df), "d": str(p.d),
         "k": str(p.k), "group": p.group, "layout": p.layout if method == "loki-triton" else "plain", "dtype": cfg.dtype,
         "median_ms": _fmt(res.median_ms), "p10_ms": _fmt(res.p10_ms), "p90_ms": _fmt(res.p90_ms),
         "gbps": _fmt_rate(gbps), "frac_copy_bw": _fmt(gbps / bw if gbps and bw else None, 3), "floor_ms": _fmt(floor_ms),
@@ -554,7 +513,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
     rows: list[dict[str, str]] = []
     for batch in cfg.batch_sizes:
         for seq_len in cfg.seq_lens:
-            p = Point(batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seq_len, cfg.kf, cfg.d, cfg.group, dtype, cfg.layout)
+            p = Point(batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, seq_len, cfg.spec, dtype, cfg.layout)
             results: dict[str, MethodResult] = {}
             ok, why = fits(p, max(methods, key=p.workspace_bytes), device)
             x = None

@@ -43,6 +43,7 @@ def bench(
         )
         return
     from ..bench import kernels as lib
+    from ..sparse.reference import LokiSpec
 
     batch_size = batch_size or "1,16"
     seq_len = seq_len or "4096,16384,65536"
@@ -53,7 +54,7 @@ def bench(
     config = lib.BenchConfig(
         num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
         batch_sizes=int_list(batch_size, "--batch-size"), seq_lens=int_list(seq_len, "--seq-len"),
-        kf=kf, df=df, dtype=dtype, methods=word_list(methods), group=group, layout=layout, output_path=output_path,
+        spec=LokiSpec(kf=kf, df=df, group=group), dtype=dtype, methods=word_list(methods), layout=layout, output_path=output_path,
         device=device, preset=model, plot=plot,
     )
     result = lib.run(config, progress=lambda msg: console.print(f"  {msg}", highlight=False))

@@ -35,6 +35,7 @@ def generate_command(
     from transformers import TextStreamer
 
     from ..sparse import generation as gen
+    from ..sparse.reference import LokiSpec
 
     if (prompt is None) == (prompt_file is None):
         raise UserError("give exactly one of --prompt TEXT and --prompt-file FILE")
@@ -44,15 +45,15 @@ def generate_command(
         prompt = prompt_file.read_text(encoding="utf-8")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    settings = None if full else gen.LokiSettings(kf=kf, df=df, basis=basis, group=group, loki_prefill=loki_prefill)
+    spec = None if full else LokiSpec(kf=kf, df=df, basis=basis, group=group)
     loaded, cal = load_model_and_calibration(model, calibration, full, device, dtype)
     ids = gen.encode_prompt(loaded.tokenizer, prompt, loaded.facts.bos_token_id, chat=chat)
     x = torch.tensor([ids], device=next(loaded.model.parameters()).device)
-    mode = "full attention" if full else f"Loki kf={kf:g} df={df:g} (d={settings.dims(loaded.facts.head_dim)}, {basis} basis)"
+    mode = "full attention" if full else f"Loki kf={kf:g} df={df:g} (d={spec.dims(loaded.facts.head_dim)}, {basis} basis)"
     console.print(f"{len(ids)} prompt tokens; {mode}")
     streamer = TextStreamer(loaded.tokenizer, skip_special_tokens=True)
     gen.generate_with(
-        loaded.model, loaded.facts, x, max_new_tokens, settings, cal,
+        loaded.model, loaded.facts, x, max_new_tokens, spec, cal, loki_prefill=loki_prefill,
         on_token=lambda token: streamer.put(token.cpu()), stop_token=getattr(loaded.tokenizer, "eos_token_id", None),
     )
     streamer.end()

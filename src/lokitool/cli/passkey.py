@@ -30,14 +30,14 @@ def passkey_command(
     """Passkey retrieval under full attention and Loki at several lengths and depths."""
     from ..evals import passkey
     from ..fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
-    from ..sparse import generation as gen
+    from ..sparse.reference import LokiSpec
 
     try:
         length_list = [int(x) for x in lengths.split(",") if x.strip()]
         depth_list = [float(x) for x in depths.split(",") if x.strip()]
     except ValueError as err:
         raise UserError(f"--lengths takes whole numbers and --depths fractions, got {lengths!r} / {depths!r}") from err
-    settings = gen.LokiSettings(kf=kf, df=df, basis=basis)
+    spec = LokiSpec(kf=kf, df=df, basis=basis)
     if output_path is not None:
         ensure_writable_dir(output_path)
     loaded, cal = load_model_and_calibration(model, calibration, False, device, dtype)
@@ -45,7 +45,7 @@ def passkey_command(
     def report(t) -> None:
         console.print(f"  {t.length:>6} tokens  depth {t.depth:<4g} {t.method:<22} {'found' if t.found else 'MISSED':<6} {t.answer[:40]!r}")
 
-    trials = passkey.run(loaded, lengths=length_list, depths=depth_list, settings=settings, calibration=cal, seed=seed, on_trial=report)
+    trials = passkey.run(loaded, lengths=length_list, depths=depth_list, spec=spec, calibration=cal, seed=seed, on_trial=report)
     table = passkey.table_markdown(trials)
     out.print(table, markup=False, highlight=False)
     if output_path is not None:

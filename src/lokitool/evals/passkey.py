@@ -21,6 +21,7 @@ from ..calib.data import sotu_documents
 from ..calib.models import LoadedModel
 from ..errors import UserError
 from ..sparse import generation as gen
+from ..sparse.reference import LokiSpec
 
 QUESTION = "What is the pass key? Answer with the number only."
 INTRO = "There is a pass key hidden in the following text. Find it and remember it.\n\n"
@@ -74,12 +75,12 @@ def build_prompt(loaded: LoadedModel, filler: str, *, length: int, depth: float,
     return gen.encode_prompt(tok, text, bos)
 
 
-def answer_of(loaded: LoadedModel, ids: list[int], settings: gen.LokiSettings | None, calibration: Calibration | None,
+def answer_of(loaded: LoadedModel, ids: list[int], spec: LokiSpec | None, calibration: Calibration | None,
               max_new_tokens: int) -> str:
     device = next(loaded.model.parameters()).device
     x = torch.tensor([ids], device=device)
     eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    out = gen.generate_with(loaded.model, loaded.facts, x, max_new_tokens, settings, calibration, stop_token=eos)
+    out = gen.generate_with(loaded.model, loaded.facts, x, max_new_tokens, spec, calibration, stop_token=eos)
     return loaded.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
@@ -88,7 +89,7 @@ def run(
     *,
     lengths: Iterable[int],
     depths: Iterable[float],
-    settings: gen.LokiSettings,
+    spec: LokiSpec,
     calibration: Calibration | None,
     seed: int = 0,
     max_new_tokens: int = 12,
@@ -100,13 +101,13 @@ def run(
         raise UserError(f"--depths must lie in [0, 1], got {depths}")
     filler = filler_text(max(lengths) * 8)  # ~4 characters a token, with margin
     rng = random.Random(seed)
-    label = f"loki kf={settings.kf:g} df={settings.df:g}"
+    label = f"loki kf={spec.kf:g} df={spec.df:g}"
     trials = []
     for length in lengths:
         for depth in depths:
             key = f"{rng.randrange(10000, 100000)}"
             ids = build_prompt(loaded, filler, length=length, depth=depth, key=key)
-            for method, s in (("full", None), (label, settings)):
+            for method, s in (("full", None), (label, spec)):
                 answer = answer_of(loaded, ids, s, calibration, max_new_tokens)
                 trial = Trial(len(ids), length, depth, key, method, answer, key in re.sub(r"[\s,]", "", answer))
                 trials.append(trial)

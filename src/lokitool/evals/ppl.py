@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..fileio import atomic_path, ensure_writable_dir, write_json_atomic
 from ..results import git_hash, versions
 from ..sparse.attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
-from ..sparse.bases import BASES
+from ..sparse.reference import LokiSpec
 
 
 @dataclass(frozen=True)
@@ -42,29 +42,25 @@ class EvalConfig:
     backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
 
     def __post_init__(self) -> None:
+        if not self.methods:
+            raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
         for m in self.methods:
             if m not in METHODS:
                 raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        for name in ("kf", "df", "variance"):
-            for value in getattr(self, name):
-                if not 0 < value <= 1:
-                    raise UserError(f"--{name} values must be in (0, 1], got {value}")
-        for b in self.basis:
-            if b not in BASES:
-                raise UserError(f"--basis must be among {', '.join(BASES)}, got {b!r}")
         if any(m != "full" for m in self.methods) and not self.kf:
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
             raise UserError("low-rank methods need --df or --variance")
         if "loki" in self.methods and self.calibration is None:
             raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+        self.specs()  # every point's LokiSpec validates its own settings
 
     def specs(self) -> list[MethodSpec]:
         """Every point of the sweep, `full` first (once)."""
         out: list[MethodSpec] = []
         if "full" in self.methods:
             out.append(MethodSpec("full"))
-        dims = [("df", v) for v in self.df] + [("variance", v) for v in self.variance]
+        dims = [dict(df=v) for v in self.df] + [dict(df=None, variance=v) for v in self.variance]
         for budget in self.budget:
             for sink in self.sink:
                 for kf in self.kf:
@@ -73,12 +69,11 @@ class EvalConfig:
                         if method == "full":
                             continue
                         if method not in LOW_RANK:
-                            out.append(MethodSpec(method, **common))
+                            out.append(MethodSpec(method, LokiSpec(df=None, **common)))
                             continue
-                        bases = self.basis if method == "loki" else (None,)
-                        for basis in bases:
-                            for kind, value in dims:
-                                out.append(MethodSpec(method, basis=basis, **{kind: value}, **common))
+                        for basis in self.basis if method == "loki" else ("random",):
+                            for dim in dims:
+                                out.append(MethodSpec(method, LokiSpec(basis=basis, **dim, **common)))
         return out
 
 
@@ -133,9 +128,8 @@ def evaluate_spec(
         backend = recorder.backend
         kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
         per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
-    fields = asdict(spec)
     return Result(
-        **fields,
+        **spec.fields(),
         perplexity=math.exp(nll / count),
         nll=nll / count,
         tokens=count,
@@ -145,19 +139,6 @@ def evaluate_spec(
         seconds=time.perf_counter() - start,
         backend=backend,
     )
-
-
-def _null_unused(result: Result) -> dict:
-    """Fields that do not apply to a method are null."""
-    d = asdict(result)
-    if result.method == "full":
-        for k in ("kf", "df", "variance", "basis", "budget", "sink", "group"):
-            d[k] = None
-    elif result.method not in LOW_RANK:
-        d["df"] = d["variance"] = d["basis"] = None
-    if result.method != "loki":
-        d["basis"] = None
-    return d
 
 
 def run(
@@ -190,7 +171,7 @@ def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibrat
         "versions": versions(),
         "git_hash": git_hash(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "results": [_null_unused(r) for r in results],
+        "results": [asdict(r) for r in results],
     }
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     dated = out_dir / f"results_{stamp}.json"

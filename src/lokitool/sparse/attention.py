@@ -22,6 +22,7 @@ from ..calib.pca import rank_at_variance
 from ..errors import UserError
 from . import bases
 from . import reference as loki
+from .reference import LokiSpec
 
 METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
 LOW_RANK = ("loki", "random-basis")
@@ -29,36 +30,41 @@ LOW_RANK = ("loki", "random-basis")
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One point of an evaluation: a method and its budgets."""
+    """One point of an evaluation: a method, and (for every method but `full`) its Loki settings."""
 
     method: str
-    kf: float | None = None  # token budget fraction (not for `full`)
-    df: float | None = None  # dimension budget fraction (low-rank methods); or
-    variance: float | None = None  # ... a per-layer d from this explained-variance threshold
-    basis: str | None = None  # pre | post (loki)
-    budget: loki.Budget = "per-row"
-    sink: int = 0
-    group: loki.Group = "head"
+    loki: LokiSpec | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        for name in ("kf", "df", "variance"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value <= 1:
-                raise UserError(f"--{name} must be in (0, 1], got {value}")
-        if self.method != "full" and self.kf is None:
+        if self.method != "full" and self.loki is None:
             raise UserError(f"method {self.method} needs --kf")
-        if self.basis is not None and self.basis not in bases.BASES:
-            raise UserError(f"unknown basis {self.basis!r}; choose from {', '.join(bases.BASES)}")
-        if self.method in LOW_RANK and (self.df is None) == (self.variance is None):
+        if self.method in LOW_RANK and (self.loki.df is None) == (self.loki.variance is None):
             raise UserError(f"method {self.method} needs exactly one of --df and --variance")
-        if self.budget not in ("per-row", "window"):
-            raise UserError(f"--budget must be per-row or window, got {self.budget!r}")
-        if self.group not in ("head", "kv"):
-            raise UserError(f"--group must be head or kv, got {self.group!r}")
-        if self.sink < 0:
-            raise UserError(f"--sink must be >= 0, got {self.sink}")
+
+    @property
+    def basis(self) -> str | None:
+        """The basis the method rotates into: the spec's for loki, random for random-basis."""
+        if self.method == "random-basis":
+            return "random"
+        return self.loki.basis if self.method == "loki" else None
+
+    def fields(self) -> dict:
+        """The flat record of results files: method, kf, df, variance, basis, budget, sink, group
+        (null where a field does not apply to the method)."""
+        s = self.loki
+        low_rank = self.method in LOW_RANK
+        return {
+            "method": self.method,
+            "kf": s.kf if s else None,
+            "df": s.df if s and low_rank else None,
+            "variance": s.variance if s and low_rank else None,
+            "basis": s.basis if s and self.method == "loki" else None,
+            "budget": s.budget if s else None,
+            "sink": s.sink if s else None,
+            "group": s.group if s else None,
+        }
 
 
 @dataclass
@@ -81,18 +87,19 @@ class Recorder:
 
 
 def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts) -> list[int]:
-    """d per layer: round(df x D), or the largest rank over KV heads at the variance threshold."""
-    if spec.df is not None:
-        return [loki.dims_for(spec.df, facts.head_dim)] * facts.num_layers
-    assert calibration is not None and spec.variance is not None
-    kind = (spec.basis or "post").removeprefix("qa-")
-    ranks = rank_at_variance(calibration.pca[kind].eigenvalues, spec.variance)  # [L, Hkv]
+    """d per layer: spec.dims(D), or the largest rank over KV heads at the variance threshold."""
+    if spec.loki.df is not None:
+        return [spec.loki.dims(facts.head_dim)] * facts.num_layers
+    if calibration is None:
+        raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
+    kind = spec.basis.removeprefix("qa-") if spec.basis in ("pre", "post", "qa-pre", "qa-post") else "post"
+    ranks = rank_at_variance(calibration.pca[kind].eigenvalues, spec.loki.variance)  # [L, Hkv]
     return [int(r) for r in ranks.max(dim=-1).values]
 
 
 def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts, dims: list[int]) -> torch.Tensor:
     """Orthonormal bases [L, Hkv, D, D], directions as columns (a query-aware basis depends on d)."""
-    name = "random" if spec.method == "random-basis" else (spec.basis or "post")
+    name = spec.basis
     shape = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
     by_d = {d: bases.basis_for(name, calibration, d, shape) for d in sorted(set(dims))}
     return torch.stack([by_d[d][i] for i, d in enumerate(dims)]).float()
@@ -100,7 +107,7 @@ def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelF
 
 def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats, backend: str):
     """The attention function of one layer: (q, k, v, scaling) -> [B, H, Sq, D] float32."""
-    common = dict(kf=spec.kf, budget=spec.budget, sink=spec.sink, stats=stats)
+    common = dict(spec=spec.loki, stats=stats)
     if spec.method == "h2o":
         return lambda q, k, v, scaling: loki.h2o_attention(q, k, v, scaling=scaling, **common)
     if spec.method == "exact-topk":
@@ -113,7 +120,7 @@ def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None
     if backend == "triton":
         from ..kernels.loki_prefill import sparse_prefill as sparse
     return lambda q, k, v, scaling: sparse(
-        q, k, v, selector=selector, scaling=scaling, group=spec.group, compare_exact=spec.method in LOW_RANK, **common
+        q, k, v, selector=selector, scaling=scaling, compare_exact=spec.method in LOW_RANK, **common
     )
 
 

@@ -24,8 +24,7 @@ import torch
 
 from ..calib.calibration import Calibration
 from ..errors import UserError
-
-BASES = ("pre", "post", "qa-pre", "qa-post")
+from .reference import BASES
 
 
 def pca_basis(calibration: Calibration, kind: str) -> torch.Tensor:

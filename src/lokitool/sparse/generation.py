@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -26,42 +25,17 @@ from torch import nn
 from ..calib.calibration import Calibration
 from ..calib.dispatch import Handler, route_attention, sdpa_attention
 from ..calib.models import ModelFacts, attention_modules
-from ..errors import UserError
 from . import bases
 from . import reference as loki
 from .cache import LokiCache, rotate_into
+from .reference import LokiSpec
 
 DecodeFn = Callable[..., torch.Tensor]
-BASIS_NAMES = bases.BASES + ("random",)
-
-
-@dataclass(frozen=True)
-class LokiSettings:
-    """Budgets of Loki decoding: token fraction kf, dimension fraction df (d = round(df x D))."""
-
-    kf: float
-    df: float
-    basis: str = "post"
-    group: loki.Group = "head"
-    loki_prefill: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("kf", "df"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise UserError(f"--{name} must be in (0, 1], got {value}")
-        if self.basis not in BASIS_NAMES:
-            raise UserError(f"unknown basis {self.basis!r}; choose from {', '.join(BASIS_NAMES)}")
-        if self.group not in ("head", "kv"):
-            raise UserError(f"--group must be head or kv, got {self.group!r}")
-
-    def dims(self, head_dim: int) -> int:
-        return loki.dims_for(self.df, head_dim)
 
 
 def decode_backend(device: torch.device) -> DecodeFn:
     """The one place that picks the decode implementation: Triton kernels on CUDA, the oracle elsewhere.
-    Both take (q_rot [B, H, D], k_rot, v [B, Hkv, S, D], lengths [B], *, d, kf, scaling, group)."""
+    Both take (q_rot [B, H, D], k_rot, v [B, Hkv, S, D], lengths [B], *, spec, scaling)."""
     if device.type == "cuda":
         from ..kernels.loki_decode import loki_decode  # imports triton: only on CUDA
 
@@ -69,29 +43,22 @@ def decode_backend(device: torch.device) -> DecodeFn:
     return loki.decode_attention
 
 
-def loki_bases(settings: LokiSettings, calibration: Calibration | None, facts: ModelFacts) -> torch.Tensor:
+def loki_bases(spec: LokiSpec, calibration: Calibration | None, facts: ModelFacts) -> torch.Tensor:
     """[L, Hkv, D, D] float32 bases for the cache (a query-aware basis depends on d)."""
     if calibration is not None:
         calibration.check_model(facts)
     shape = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
-    return bases.basis_for(settings.basis, calibration, settings.dims(facts.head_dim), shape).float()
+    return bases.basis_for(spec.basis, calibration, spec.dims(facts.head_dim), shape).float()
 
 
-def _rotated_selector(d: int) -> loki.Selector:
-    """Loki's selector for keys and queries that are already in the PCA basis."""
-    return loki.Selector(
-        "loki",
-        prepare=lambda k: k[..., :d],
-        score=lambda q, k_low: q[..., :d].float() @ loki.expand_kv(k_low, q.shape[1]).float().transpose(-1, -2),
-    )
-
-
-def loki_handlers(cache: LokiCache, settings: LokiSettings, head_dim: int, device: torch.device) -> Callable[[nn.Module], Handler]:
-    """`make_handler` for `route_attention`: Loki over the rotated keys that `cache.update` returns."""
+def loki_handlers(
+    cache: LokiCache, spec: LokiSpec, head_dim: int, device: torch.device, loki_prefill: bool = False
+) -> Callable[[nn.Module], Handler]:
+    """`make_handler` for `route_attention`: Loki over the rotated keys that `cache.update` returns.
+    Prefill is exact unless `loki_prefill` (then Loki with per-row budgets over the prompt)."""
     decode = decode_backend(device)
     dense = sdpa_attention()
-    d = settings.dims(head_dim)
-    selector = _rotated_selector(d)
+    selector = loki.rotated_selector(spec.dims(head_dim))
 
     def make_handler(module: nn.Module) -> Handler:
         layer_idx = module.layer_idx
@@ -101,10 +68,10 @@ def loki_handlers(cache: LokiCache, settings: LokiSettings, head_dim: int, devic
             q_rot = rotate_into(query, cache.basis(layer_idx))  # [B, H, Sq, D]
             if query.shape[2] == 1:
                 lengths = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
-                out = decode(q_rot[:, :, 0], key, value, lengths, d=d, kf=settings.kf, scaling=scale, group=settings.group)
+                out = decode(q_rot[:, :, 0], key, value, lengths, spec=spec, scaling=scale)
                 return out[:, None].to(query.dtype), None  # [B, 1, H, D]
-            if settings.loki_prefill:
-                out = loki.sparse_attention(q_rot, key, value, selector=selector, kf=settings.kf, scaling=scale, group=settings.group)
+            if loki_prefill:
+                out = loki.sparse_attention(q_rot, key, value, selector=selector, spec=spec, scaling=scale)
                 return out.transpose(1, 2).to(query.dtype).contiguous(), None
             return dense(mod, q_rot, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
 
@@ -114,11 +81,11 @@ def loki_handlers(cache: LokiCache, settings: LokiSettings, head_dim: int, devic
 
 
 @contextlib.contextmanager
-def loki_attention(model: nn.Module, cache: LokiCache, settings: LokiSettings) -> Iterator[None]:
+def loki_attention(model: nn.Module, cache: LokiCache, spec: LokiSpec, loki_prefill: bool = False) -> Iterator[None]:
     """Route the model's attention to Loki over `cache` while the block runs."""
     device = next(attention_modules(model)[0].parameters()).device
     head_dim = cache.basis(0).shape[-1]
-    with route_attention(model, loki_handlers(cache, settings, head_dim, device)):
+    with route_attention(model, loki_handlers(cache, spec, head_dim, device, loki_prefill)):
         yield
 
 
@@ -204,9 +171,9 @@ def generate(
     return torch.cat([first[:, None], rest], dim=1)
 
 
-def new_cache(settings: LokiSettings | None, loki_bases_: torch.Tensor | None, max_length: int | None):
+def new_cache(spec: LokiSpec | None, loki_bases_: torch.Tensor | None, max_length: int | None):
     """The cache for a run: transformers' DynamicCache for full attention, else a LokiCache."""
-    if settings is None:
+    if spec is None:
         from transformers import DynamicCache
 
         return DynamicCache()
@@ -218,15 +185,17 @@ def generate_with(
     facts: ModelFacts,
     ids: torch.Tensor,
     max_new_tokens: int,
-    settings: LokiSettings | None,
+    spec: LokiSpec | None,
     calibration: Calibration | None = None,
+    *,
+    loki_prefill: bool = False,
     **kwargs,
 ) -> torch.Tensor:
-    """`generate` with full attention (settings None) or Loki at `settings`; the cache is made here."""
-    if settings is None:
+    """`generate` with full attention (spec None) or Loki at `spec`; the cache is made here."""
+    if spec is None:
         return generate(model, ids, max_new_tokens, new_cache(None, None, None), **kwargs)
-    cache = new_cache(settings, loki_bases(settings, calibration, facts), ids.shape[1] + max_new_tokens)
-    with loki_attention(model, cache, settings):
+    cache = new_cache(spec, loki_bases(spec, calibration, facts), ids.shape[1] + max_new_tokens)
+    with loki_attention(model, cache, spec, loki_prefill):
         return generate(model, ids, max_new_tokens, cache, **kwargs)
 
 

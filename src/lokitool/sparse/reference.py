@@ -3,6 +3,9 @@
 This module is the oracle: every kernel and the model patch are tested against it. It favours
 clarity over speed, but processes query rows in blocks so that memory stays O(block x keys).
 
+`LokiSpec` is the one owner of Loki's settings (budgets, d, basis, sinks, groups): it validates
+them once, and every path (eval, generate, the benchmarks, the kernel wrappers) takes it.
+
 One mechanism, several selectors (as kvpress's ScorerPress): a selector only says how to *score*
 the causal keys of each query row; `select` keeps the top k_t of each row; `attend` runs exact
 attention over the kept keys.
@@ -12,10 +15,11 @@ position `Sk - Sq + i` (keys before it come from a cache) and sees keys 0..that 
 
 Loki (for a KV head with orthonormal basis P, directions as columns, and a dimension budget d):
     approximate score(q, k) = (q P)[:d] . (k P)[:d]        (no centering; q.k = qP.kP exactly)
-Budgets per row at position t (t + 1 causal keys):
-    per-row: k_t = max(1, floor(kf * (t + 1)))     what a decoder at context t + 1 keeps
-    window:  k_t = min(t + 1, floor(kf * L))       the paper's perplexity code (L = window length)
-Sinks: the first `sink` keys are always kept, inside the same budget k_t.
+    d = round(df x D), halves rounded up, at least 1
+Budgets per row that sees n keys (n = t + 1 under a causal mask):
+    per-row: k = max(1, floor(kf * n))             what a decoder at context n keeps
+    window:  k = min(n, max(1, floor(kf * L)))     the paper's perplexity code (L = window length)
+Sinks: the first `sink` keys are always kept, inside the same budget k.
 """
 
 from __future__ import annotations
@@ -26,31 +30,92 @@ from typing import Callable, Literal
 
 import torch
 
+from ..errors import UserError
+
 Budget = Literal["per-row", "window"]
 Group = Literal["head", "kv"]
+BUDGETS = ("per-row", "window")
+GROUPS = ("head", "kv")
+# Bases a Loki run can rotate into: PCA of the keys before / after RoPE, the query-aware fits of
+# each (sparse/bases.py), and a Haar-random basis (what any basis must beat).
+BASES = ("pre", "post", "qa-pre", "qa-post", "random")
 
 NEG_INF = float("-inf")
 
 
 # ----------------------------------------------------------------------------------------------
-# Budgets
-
-
-def budget_per_row(positions: torch.Tensor, kf: float, mode: Budget, window: int) -> torch.Tensor:
-    """Number of keys k_t kept by the row at each absolute position t: int64, same shape."""
-    causal = positions + 1
-    if mode == "per-row":
-        k = torch.floor(kf * causal.to(torch.float64)).to(torch.int64)
-        return k.clamp_min(1)
-    if mode == "window":
-        k = max(1, math.floor(kf * window))
-        return causal.clamp_max(k)
-    raise ValueError(f"unknown budget mode {mode!r}")
+# Settings and budgets
 
 
 def dims_for(df: float, head_dim: int) -> int:
-    """d = round(df x D), at least 1."""
-    return max(1, min(head_dim, round(df * head_dim)))
+    """d = round(df x D) with halves rounded up, clamped to [1, D]: the one rounding rule."""
+    return max(1, min(head_dim, math.floor(df * head_dim + 0.5)))
+
+
+def token_budget(visible: torch.Tensor, kf: float, mode: Budget = "per-row", window: int | None = None) -> torch.Tensor:
+    """Keys kept by a row that sees `visible` keys (int tensor, any shape): int64, same shape.
+    per-row: max(1, floor(kf x visible)); window: min(visible, max(1, floor(kf x window)))."""
+    if mode == "per-row":
+        return torch.floor(kf * visible.to(torch.float64)).to(torch.int64).clamp_min(1)
+    if mode == "window":
+        if window is None:
+            raise ValueError("window budgets need the window length")
+        return visible.to(torch.int64).clamp_max(max(1, math.floor(kf * window)))
+    raise ValueError(f"unknown budget mode {mode!r}")
+
+
+@dataclass(frozen=True)
+class LokiSpec:
+    """Loki's settings, validated once.
+
+    kf: fraction of visible keys kept per row; df: fraction of head dims scored (d = dims(D)), or
+    `variance`: d per layer as the rank at this explained-variance threshold (exactly one of the two
+    for low-rank selection; neither matters to selectors that score with all dims); basis: what
+    keys and queries are rotated into; budget: per-row or window; sink: first keys always kept;
+    group: one selection per query head (head) or shared by the query heads of a KV head (kv)."""
+
+    kf: float = 0.25
+    df: float | None = 0.25
+    variance: float | None = None
+    basis: str = "post"
+    budget: Budget = "per-row"
+    sink: int = 0
+    group: Group = "head"
+
+    def __post_init__(self) -> None:
+        for name in ("kf", "df", "variance"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise UserError(f"--{name} must be in (0, 1], got {value}")
+        if self.df is not None and self.variance is not None:
+            raise UserError("give one of --df and --variance, not both")
+        if self.basis not in BASES:
+            raise UserError(f"unknown basis {self.basis!r}; choose from {', '.join(BASES)}")
+        if self.budget not in BUDGETS:
+            raise UserError(f"--budget must be per-row or window, got {self.budget!r}")
+        if self.group not in GROUPS:
+            raise UserError(f"--group must be head or kv, got {self.group!r}")
+        if self.sink < 0:
+            raise UserError(f"--sink must be >= 0, got {self.sink}")
+
+    def dims(self, head_dim: int) -> int:
+        """d scored dims for a head dimension D (a fixed df; `variance` gives d per layer instead)."""
+        if self.df is None:
+            raise ValueError("this spec sets d per layer by --variance, not by --df")
+        return dims_for(self.df, head_dim)
+
+    def budgets(self, visible: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """k per row from the number of keys each row sees (see `token_budget`)."""
+        return token_budget(visible, self.kf, self.budget, window)
+
+    def max_budget(self, num_keys: int) -> int:
+        """The largest k any row over at most `num_keys` keys keeps (per-row budgets)."""
+        return max(1, math.floor(self.kf * num_keys))
+
+
+def budget_per_row(positions: torch.Tensor, kf: float, mode: Budget, window: int) -> torch.Tensor:
+    """k_t of the row at each absolute position t under a causal mask (t + 1 visible keys)."""
+    return token_budget(positions + 1, kf, mode, window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +132,12 @@ def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def exact_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return q.float() @ expand_kv(k, q.shape[1]).float().transpose(-1, -2)
+
+
+def truncated_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, d: int) -> torch.Tensor:
+    """Loki's approximate scores, float32: q_rot [B, H, b, D] against the first d dims of the rotated
+    keys k_rot [B, Hkv, S, >= d] -> [B, H, b, S]. Every reference path scores through this."""
+    return q_rot[..., :d].float() @ expand_kv(k_rot[..., :d], q_rot.shape[1]).float().transpose(-1, -2)
 
 
 def rotate(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -145,11 +216,12 @@ class Selector:
 def loki_selector(basis: torch.Tensor, d: int, name: str = "loki") -> Selector:
     """basis [Hkv, D, D], directions as columns; scores read the first d rotated dimensions."""
 
-    def score(q: torch.Tensor, k_low: torch.Tensor) -> torch.Tensor:
-        q_low = rotate(q, basis)[..., :d]
-        return q_low @ expand_kv(k_low, q.shape[1]).transpose(-1, -2)
+    return Selector(name, prepare=lambda k: rotate(k, basis)[..., :d], score=lambda q, k_low: truncated_scores(rotate(q, basis), k_low, d))
 
-    return Selector(name, prepare=lambda k: rotate(k, basis)[..., :d], score=score)
+
+def rotated_selector(d: int) -> Selector:
+    """Loki's selector for queries and keys that are already in the basis (the Loki cache's keys)."""
+    return Selector("loki", prepare=lambda k: k[..., :d], score=lambda q, k_low: truncated_scores(q, k_low, d))
 
 
 def exact_topk_selector() -> Selector:
@@ -200,17 +272,15 @@ def sparse_attention(
     v: torch.Tensor,
     *,
     selector: Selector,
-    kf: float,
+    spec: LokiSpec,
     scaling: float,
-    budget: Budget = "per-row",
-    sink: int = 0,
-    group: Group = "head",
     block_rows: int = 512,
     stats: SelectionStats | None = None,
     compare_exact: bool = False,
 ) -> torch.Tensor:
     """Attention of q [B, H, Sq, D] over causal keys k, v [B, Hkv, Sk, D] where each query row keeps
-    only the top-k_t keys by `selector`'s scores. Returns [B, H, Sq, D] float32.
+    only the top-k_t keys by `selector`'s scores (budgets, sinks and groups from `spec`).
+    Returns [B, H, Sq, D] float32.
 
     With `stats`, records the kept fraction and (with `compare_exact`) the Jaccard overlap of each
     row's kept set with the exact top-k set of the same size.
@@ -228,16 +298,16 @@ def sparse_attention(
         if selector.score is None:
             keep = causal_mask(positions, sk).expand(b, h, -1, -1)
         else:
-            budgets = budget_per_row(positions, kf, budget, sk)
+            budgets = budget_per_row(positions, spec.kf, spec.budget, sk)
             scores = selector.score(qb, prepared)
-            if group == "kv":
+            if spec.group == "kv":
                 scores = group_scores(scores, hkv)
-            keep = select(scores, positions, budgets, sink)
+            keep = select(scores, positions, budgets, spec.sink)
         exact = exact_scores(qb, k)
         exact_keep = None
         if stats is not None and compare_exact and selector.score is not None:
-            ranking = group_scores(exact, hkv) if group == "kv" else exact
-            exact_keep = select(ranking, positions, budget_per_row(positions, kf, budget, sk), sink)
+            ranking = group_scores(exact, hkv) if spec.group == "kv" else exact
+            exact_keep = select(ranking, positions, budget_per_row(positions, spec.kf, spec.budget, sk), spec.sink)
         if stats is not None:
             stats.add(keep, positions, exact_keep)
         out[:, :, start:stop] = attend(qb, k, v, keep, scaling, exact)
@@ -249,10 +319,8 @@ def h2o_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    kf: float,
+    spec: LokiSpec,
     scaling: float,
-    budget: Budget = "per-row",
-    sink: int = 0,
     block_rows: int = 256,
     stats: SelectionStats | None = None,
 ) -> torch.Tensor:
@@ -272,12 +340,12 @@ def h2o_attention(
         full = torch.softmax((exact_scores(qb, k) * scaling).masked_fill(~visible, NEG_INF), dim=-1)
         cumulative = mass[:, :, None, :] + full.cumsum(dim=2)  # mass seen up to and including each row
         mass = cumulative[:, :, -1]
-        budgets = budget_per_row(positions, kf, budget, sk)
+        budgets = budget_per_row(positions, spec.kf, spec.budget, sk)
         recent = budgets // 2
         keys = torch.arange(sk, device=q.device)
         is_recent = (keys[None, :] > positions[:, None] - recent[:, None]) & visible  # [b, Sk]
         heavy = cumulative.masked_fill(is_recent, math.inf)  # recent keys first, then heaviest
-        keep = select(heavy, positions, budgets, sink)
+        keep = select(heavy, positions, budgets, spec.sink)
         if stats is not None:
             stats.add(keep, positions, None)
         out[:, :, start:stop] = attend(qb, k, v, keep, scaling)
@@ -285,47 +353,70 @@ def h2o_attention(
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode: one query per sequence over a cache of pre-rotated keys (the kernels' oracle)
+# Decode: one query per sequence over a cache of pre-rotated keys (the kernels' oracle and the
+# benchmark's plain-torch baseline), in the three stages the kernels have.
 
 
 def decode_budget(lengths: torch.Tensor, kf: float) -> torch.Tensor:
     """k = max(1, floor(kf x length)) per sequence: the per-row budget of the newest token."""
-    return budget_per_row(lengths - 1, kf, "per-row", 0)
+    return token_budget(lengths, kf)
 
 
-def decode_select(
-    q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, *, d: int, kf: float, group: Group = "head"
-) -> torch.Tensor:
-    """Kept key indices per (sequence, head) at decode time, as a keep mask [B, H, S] (bool).
-
-    q_rot [B, H, D] and k_rot [B, Hkv, S, D] are already in the PCA basis; only the first d dims
-    are scored; sequence i holds lengths[i] valid keys (the rest of S is padding)."""
-    b, h, _ = q_rot.shape
-    s = k_rot.shape[2]
-    scores = (q_rot[:, :, None, :d].float() @ expand_kv(k_rot[..., :d], h).float().transpose(-1, -2))[:, :, 0]
+def decode_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, *, d: int, group: Group = "head") -> torch.Tensor:
+    """[B, R, S] float32 truncated scores of q_rot [B, H, D] over k_rot [B, Hkv, S, >= d]; R = H, or
+    Hkv with the group's scores summed (group kv)."""
+    scores = truncated_scores(q_rot[:, :, None], k_rot, d)  # [B, H, 1, S]
     if group == "kv":
-        scores = group_scores(scores[:, :, None], k_rot.shape[1])[:, :, 0]
-    valid = torch.arange(s, device=q_rot.device)[None, :] < lengths[:, None]  # [B, S]
-    scores = scores.masked_fill(~valid[:, None], NEG_INF)
-    budgets = decode_budget(lengths, kf)  # [B]
-    top = scores.topk(int(budgets.max()), dim=-1).indices
-    rank_ok = torch.arange(top.shape[-1], device=q_rot.device)[None, :] < budgets[:, None]  # [B, kmax]
+        scores = sum_groups(scores, k_rot.shape[1])
+    return scores[:, :, 0]
+
+
+def decode_topk(scores: torch.Tensor, lengths: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Top-kmax token indices [B, R, kmax] (best first) among the first lengths[b] tokens of each row."""
+    valid = torch.arange(scores.shape[-1], device=scores.device)[None, :] < lengths[:, None]  # [B, S]
+    return scores.masked_fill(~valid[:, None], NEG_INF).topk(kmax, dim=-1).indices
+
+
+def decode_gather_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top: torch.Tensor, budgets: torch.Tensor, *, scaling: float, group: Group
+) -> torch.Tensor:
+    """Exact attention of q [B, H, D] over the first budgets[b] listed rows top [B, R, kmax] of
+    k, v [B, Hkv, S, D], gathered: [B, H, D] float32 (softmax in float32)."""
+    b, h, dim = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    rows, kmax = top.shape[1], top.shape[2]
+    arange = torch.arange(rows, device=q.device)
+    kv_head = arange // (h // hkv) if group == "head" else arange
+    flat = (torch.arange(b, device=q.device)[:, None, None] * hkv + kv_head[None, :, None]) * s + top  # [B, R, kmax]
+    k_sel = k.reshape(-1, dim)[flat].float()  # [B, R, kmax, D]
+    v_sel = v.reshape(-1, dim)[flat].float()
+    listed = torch.arange(kmax, device=q.device)[None, :] < budgets[:, None]  # [B, kmax]
+    qg = q.float().reshape(b, rows, h // rows, dim)
+    scores = (qg @ k_sel.transpose(-1, -2)) * scaling  # [B, R, H/R, kmax]
+    probs = torch.softmax(scores.masked_fill(~listed[:, None, None, :], NEG_INF), dim=-1)
+    return (probs @ v_sel).reshape(b, h, dim)
+
+
+def decode_select(q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, *, spec: LokiSpec) -> torch.Tensor:
+    """The kept keys of each (sequence, query head) at decode time as a mask [B, H, S] (bool).
+
+    q_rot [B, H, D] and k_rot [B, Hkv, S, D] are already in the basis; the first spec.dims(D) dims
+    are scored; sequence b holds lengths[b] valid keys (the rest of S is padding)."""
+    h = q_rot.shape[1]
+    scores = decode_scores(q_rot, k_rot, d=spec.dims(q_rot.shape[-1]), group=spec.group)
+    budgets = decode_budget(lengths, spec.kf)  # [B]
+    top = decode_topk(scores, lengths, int(budgets.max()))
+    listed = torch.arange(top.shape[-1], device=q_rot.device)[None, :] < budgets[:, None]  # [B, kmax]
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep.scatter_(-1, top, rank_ok[:, None].expand_as(top))
-    return keep & valid[:, None]
+    keep.scatter_(-1, top, listed[:, None].expand_as(top))
+    return expand_kv(keep[..., None], h)[..., 0] if spec.group == "kv" else keep
 
 
 def decode_attention(
-    q_rot: torch.Tensor,
-    k_rot: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    d: int,
-    kf: float,
-    scaling: float,
-    group: Group = "head",
+    q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, spec: LokiSpec, scaling: float
 ) -> torch.Tensor:
     """Loki decode step over a rotated cache: [B, H, D] float32 output."""
-    keep = decode_select(q_rot, k_rot, lengths, d=d, kf=kf, group=group)
-    return attend(q_rot[:, :, None], k_rot, v, keep[:, :, None], scaling)[:, :, 0]
+    budgets = decode_budget(lengths, spec.kf)
+    scores = decode_scores(q_rot, k_rot, d=spec.dims(q_rot.shape[-1]), group=spec.group)
+    top = decode_topk(scores, lengths, spec.max_budget(k_rot.shape[2]))
+    return decode_gather_attention(q_rot, k_rot, v, top, budgets, scaling=scaling, group=spec.group)
