@@ -1,11 +1,16 @@
-"""What produced a result: library versions and the git commit, written beside every number."""
+"""What produced a result, and where results go: one provenance stamp and one results writer,
+used by every command that writes results (eval, passkey, rank-report, bench, bench-e2e; a
+calibration file stores the same versions in its header)."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from . import __version__
+from .fileio import ensure_writable_dir, write_json_atomic
 
 
 def versions() -> dict[str, str]:
@@ -23,3 +28,27 @@ def git_hash(short: bool = False) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance() -> dict[str, Any]:
+    """The stamp beside every number: {"versions": {...}, "git_hash": ..., "date": ...}."""
+    return {"versions": versions(), "git_hash": git_hash(), "date": utc_now()}
+
+
+def write_results(out_dir: Path, stem: str, document: dict[str, Any], *, keep_dated: bool = True) -> Path:
+    """Write `document`, stamped with `provenance()`, atomically to OUT_DIR/STEM.json (the newest)
+    and, with `keep_dated`, to OUT_DIR/STEM_<date>.json as well (kept). Returns the path that keeps
+    this run: the dated one, or STEM.json without it."""
+    out_dir = ensure_writable_dir(out_dir)
+    stamped = {**document, **provenance()}
+    path = out_dir / f"{stem}.json"
+    dated = None
+    if keep_dated:
+        dated = out_dir / f"{stem}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        write_json_atomic(dated, stamped)
+    write_json_atomic(path, stamped)
+    return dated or path

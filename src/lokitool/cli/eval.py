@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import UserError
+from ..evals.config import EvalConfig
 from .app import app, console, out
-from .options import Device, Dtype, float_list, word_list
+from .options import Device, Dtype, float_list, listed, word_list
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -20,25 +21,25 @@ def _fmt(value, spec: str = ".3f") -> str:
 @app.command("eval")
 def eval_command(
     ppl: bool = typer.Option(False, "--ppl", help="Measure perplexity (the only evaluation so far)."),
-    model: str = typer.Option("default", help="`default`, hub id[@revision], model folder or .gguf file."),
+    model: str = typer.Option(EvalConfig.model, help="`default`, hub id[@revision], model folder or .gguf file."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration file from `lokitool calibrate` (needed by loki)."),
-    dataset: str = typer.Option("default", help="`default` = held-out newer State of the Union speeches; or a file/folder/hub spec."),
-    methods: str = typer.Option("full,loki,exact-topk,h2o,random-basis", help="Comma-separated: full, loki, exact-topk, h2o, random-basis."),
-    kf: str = typer.Option("0.25", help="Token budget fraction(s), comma-separated: a sweep."),
-    df: str = typer.Option("0.25", help="Dimension budget fraction(s) for loki / random-basis."),
-    variance: str = typer.Option("", help="Instead of --df: per-layer d from explained-variance threshold(s)."),
-    basis: str = typer.Option("post", help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware)."),
-    budget: str = typer.Option("per-row", help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
-    sink: str = typer.Option("0", help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
-    group: str = typer.Option("head", help="Selection per query head (head) or shared per KV head (kv)."),
-    seq_len: int = typer.Option(1024, help="Window length."),
-    num_tokens: int = typer.Option(8192, help="Held-out tokens in all (non-overlapping windows)."),
-    batch_size: int = typer.Option(1, help="Windows per forward pass."),
-    output_path: Path = typer.Option(Path("runs/eval"), help="Directory for results JSON and the sweep plot."),
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    bos: bool = typer.Option(True, "--bos/--no-bos", help="Start every window with BOS."),
-    backend: str = typer.Option("auto", help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
+    dataset: str = typer.Option(EvalConfig.dataset, help="`default` = held-out newer State of the Union speeches; or a file/folder/hub spec."),
+    methods: str = typer.Option(listed(EvalConfig.methods), help="Comma-separated: full, loki, exact-topk, h2o, random-basis."),
+    kf: str = typer.Option(listed(EvalConfig.kf), help="Token budget fraction(s), comma-separated: a sweep."),
+    df: str = typer.Option(listed(EvalConfig.df), help="Dimension budget fraction(s) for loki / random-basis."),
+    variance: str = typer.Option(listed(EvalConfig.variance), help="Instead of --df: per-layer d from explained-variance threshold(s)."),
+    basis: str = typer.Option(listed(EvalConfig.basis), help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware)."),
+    budget: str = typer.Option(listed(EvalConfig.budget), help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
+    sink: str = typer.Option(listed(EvalConfig.sink), help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
+    group: str = typer.Option(EvalConfig.group, help="Selection per query head (head) or shared per KV head (kv)."),
+    seq_len: int = typer.Option(EvalConfig.seq_len, help="Window length."),
+    num_tokens: int = typer.Option(EvalConfig.num_tokens, help="Held-out tokens in all (non-overlapping windows)."),
+    batch_size: int = typer.Option(EvalConfig.batch_size, help="Windows per forward pass."),
+    output_path: Path = typer.Option(EvalConfig.output_path, help="Directory for results JSON and the sweep plot."),
+    device: Device = EvalConfig.device,
+    dtype: Dtype = EvalConfig.dtype,
+    bos: bool = typer.Option(EvalConfig.bos, "--bos/--no-bos", help="Start every window with BOS."),
+    backend: str = typer.Option(EvalConfig.backend, help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
 ) -> None:
     """Perplexity with full attention, Loki and baselines, on held-out text."""
     from ..calib.calibration import Calibration
@@ -54,7 +55,7 @@ def eval_command(
         sinks = tuple(int(x) for x in word_list(sink))
     except ValueError as err:
         raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
-    config = evaluate.EvalConfig(
+    config = EvalConfig(
         model=model, calibration=calibration, dataset=dataset, methods=word_list(methods),
         kf=float_list(kf, "--kf"), df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
         basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,

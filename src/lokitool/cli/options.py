@@ -38,3 +38,8 @@ def float_list(text: str, flag: str, example: str = "0.125,0.25") -> tuple[float
 
 def word_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def listed(values: tuple) -> str:
+    """A config's tuple default as the comma-separated text its option takes: (0.25, 0.5) -> "0.25,0.5"."""
+    return ",".join(str(v) for v in values)

@@ -28,8 +28,10 @@ def passkey_command(
     dtype: Dtype = "auto",
 ) -> None:
     """Passkey retrieval under full attention and Loki at several lengths and depths."""
+    from dataclasses import asdict
+
     from ..evals import passkey
-    from ..fileio import ensure_writable_dir, write_json_atomic, write_text_atomic
+    from ..fileio import ensure_writable_dir
     from ..sparse.reference import LokiSpec
 
     try:
@@ -49,8 +51,6 @@ def passkey_command(
     table = passkey.table_markdown(trials)
     out.print(table, markup=False, highlight=False)
     if output_path is not None:
-        config = {"model": loaded.facts.model_id, "calibration": str(calibration), "lengths": length_list,
-                  "depths": depth_list, "kf": kf, "df": df, "basis": basis, "seed": seed}
-        write_json_atomic(output_path / "passkey.json", {"config": config, "trials": passkey.trials_json(trials)})
-        write_text_atomic(output_path / "passkey.md", table + "\n")
-        out.print(f"wrote {output_path / 'passkey.json'} and passkey.md")
+        config = {"calibration": str(calibration), "lengths": length_list, "depths": depth_list, "seed": seed, **asdict(spec)}
+        path = passkey.write_results(output_path, config, loaded.facts, trials)
+        out.print(f"wrote {path} and passkey.md")

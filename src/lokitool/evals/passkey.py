@@ -12,14 +12,17 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from .. import results
 from ..calib.calibration import Calibration
 from ..calib.data import sotu_documents
-from ..calib.models import LoadedModel
+from ..calib.models import LoadedModel, ModelFacts
 from ..errors import UserError
+from ..fileio import write_text_atomic
 from ..sparse import generation as gen
 from ..sparse.reference import LokiSpec
 
@@ -136,3 +139,11 @@ def table_markdown(trials: list[Trial]) -> str:
 
 def trials_json(trials: list[Trial]) -> list[dict]:
     return [asdict(t) for t in trials]
+
+
+def write_results(out_dir: Path, config: dict, facts: ModelFacts, trials: list[Trial]) -> Path:
+    """OUT_DIR/passkey.json (config, model, trials and the provenance stamp) and passkey.md."""
+    path = results.write_results(out_dir, "passkey", {"config": config, "model": facts.to_dict(), "trials": trials_json(trials)},
+                                 keep_dated=False)
+    write_text_atomic(out_dir / "passkey.md", table_markdown(trials) + "\n")
+    return path

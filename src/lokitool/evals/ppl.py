@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,71 +9,12 @@ from typing import Callable, Iterable
 
 import torch
 
+from .. import results as results_file
 from ..calib.calibration import Calibration
 from ..calib.models import LoadedModel
-from ..errors import UserError
-from ..fileio import atomic_path, ensure_writable_dir, write_json_atomic
-from ..results import git_hash, versions
-from ..sparse.attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
-from ..sparse.reference import LokiSpec
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str = "default"
-    calibration: Path | None = None
-    dataset: str = "default"
-    methods: tuple[str, ...] = ("full", "loki", "exact-topk", "h2o", "random-basis")
-    kf: tuple[float, ...] = (0.25,)
-    df: tuple[float, ...] = (0.25,)
-    variance: tuple[float, ...] = ()
-    basis: tuple[str, ...] = ("post",)
-    budget: tuple[str, ...] = ("per-row",)
-    sink: tuple[int, ...] = (0,)
-    group: str = "head"
-    seq_len: int = 1024
-    num_tokens: int = 8192
-    batch_size: int = 1
-    output_path: Path = Path("runs/eval")
-    device: str = "auto"
-    dtype: str = "auto"
-    bos: bool = True
-    backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
-
-    def __post_init__(self) -> None:
-        if not self.methods:
-            raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
-        for m in self.methods:
-            if m not in METHODS:
-                raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if any(m != "full" for m in self.methods) and not self.kf:
-            raise UserError("give at least one --kf")
-        if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
-            raise UserError("low-rank methods need --df or --variance")
-        if "loki" in self.methods and self.calibration is None:
-            raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
-        self.specs()  # every point's LokiSpec validates its own settings
-
-    def specs(self) -> list[MethodSpec]:
-        """Every point of the sweep, `full` first (once)."""
-        out: list[MethodSpec] = []
-        if "full" in self.methods:
-            out.append(MethodSpec("full"))
-        dims = [dict(df=v) for v in self.df] + [dict(df=None, variance=v) for v in self.variance]
-        for budget in self.budget:
-            for sink in self.sink:
-                for kf in self.kf:
-                    common = dict(kf=kf, budget=budget, sink=sink, group=self.group)
-                    for method in self.methods:
-                        if method == "full":
-                            continue
-                        if method not in LOW_RANK:
-                            out.append(MethodSpec(method, LokiSpec(df=None, **common)))
-                            continue
-                        for basis in self.basis if method == "loki" else ("random",):
-                            for dim in dims:
-                                out.append(MethodSpec(method, LokiSpec(basis=basis, **dim, **common)))
-        return out
+from ..fileio import atomic_path
+from ..sparse.attention import LOW_RANK, MethodSpec, patched, resolve_backend
+from .config import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -162,23 +102,16 @@ def run(
 def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibration | None, dataset: str, results: list[Result]) -> Path:
     """results_<date>.json (kept) and results.json (the newest), atomically; a sweep plot when several points."""
 
-    out_dir = ensure_writable_dir(config.output_path)
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     document = {
         "config": {**cfg, "dataset": dataset},
         "model": loaded.facts.to_dict(),
         "calibration": {"file": str(config.calibration), **calibration.info} if calibration else None,
-        "versions": versions(),
-        "git_hash": git_hash(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "results": [asdict(r) for r in results],
     }
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dated = out_dir / f"results_{stamp}.json"
-    write_json_atomic(dated, document)
-    write_json_atomic(out_dir / "results.json", document)
+    dated = results_file.write_results(config.output_path, "results", document)
     if len({r.kf for r in results if r.kf is not None}) > 1:
-        plot_sweep(results, out_dir / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
+        plot_sweep(results, config.output_path / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
     return dated
 
 
