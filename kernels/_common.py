@@ -1,4 +1,4 @@
-"""Small helpers shared by the Loki kernel files: autotune pruning, padding, a dot for the interpreter."""
+"""Small helpers shared by the Loki kernel files: autotune pruning and pinning, padding, a dot for the interpreter."""
 
 from __future__ import annotations
 
@@ -33,6 +33,31 @@ def keep_configs(configs: list, ok) -> list:
 def launch_args(named_args: dict, kwargs: dict) -> dict:
     """The launch arguments as one dict, whether they were passed by position or by keyword."""
     return {**named_args, **kwargs}
+
+
+class Pinned:
+    """An autotuned kernel launched through its chosen config, pinned per autotune key after the
+    first launch: later launches skip the autotuner's per-call work (it rebuilds its key and copies
+    the arguments into dicts on every call), which matters on a decode step's hot path. The key is
+    the autotuner's (its `key` arguments) plus the dtypes the launcher passes; the config is the
+    one the autotuner chose for that key, so results are those of the autotuned launch.
+
+        _SCORE = Pinned(_score_kernel)
+        _SCORE.launch(grid, (q.dtype, k.dtype), q_ptr=q, ..., S_HINT=pow2(s))
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.configs: dict[tuple, object] = {}
+
+    def launch(self, grid, dtypes: tuple, **args) -> None:
+        key = (dtypes, *(args[name] for name in self.kernel.keys))
+        config = self.configs.get(key)
+        if config is None:
+            self.kernel[grid](**args)
+            self.configs[key] = self.kernel.best_config
+        else:
+            self.kernel.fn[grid](**args, **config.all_kwargs())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,17 +17,23 @@ Stages, each callable (and timed by the benchmark) on its own:
     out    = sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=s, group=group)
 No stage synchronises with the host (lengths given on the GPU are trusted), so a decode step can be
 captured in a CUDA graph.
+
+Host cost: a decode step runs outside a graph too (eager decoding, the first steps of a server), so
+one call is kept to a handful of launches and a few allocations: checks read shapes only, the
+budgets come from one small kernel (select.decode_budgets), and each autotuned kernel launches
+through the config pinned for its shape after the first call (_common.Pinned). Pass lengths as
+int32 on the GPU: anything else costs a conversion per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..sparse.reference import LokiSpec, decode_budget
+from ..sparse.reference import LokiSpec
 from .attention import sparse_decode_attention
 from .layout import Keys, LokiKeys
 from .score import loki_scores
-from .select import select_topk
+from .select import decode_budgets, select_topk
 
 
 def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: torch.Tensor, *, d: int) -> None:
@@ -66,8 +72,9 @@ def loki_decode(
     """One Loki decode step: [B, H, D] float32 (see the module docstring); d = spec.dims(D)."""
     d = spec.dims(q_rot.shape[-1])
     check_inputs(q_rot, k_rot, v, lengths, d=d)
-    lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
-    budgets = decode_budget(lengths, spec.kf).to(torch.int32)  # [B] k = max(1, floor(kf x length))
+    if lengths.dtype != torch.int32 or lengths.device != q_rot.device:
+        lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
+    budgets = decode_budgets(lengths, spec.kf)  # [B] int32 k = max(1, floor(kf x length)), as the oracle's decode_budget
     scores = loki_scores(q_rot, k_rot, lengths, d=d, group=spec.group)  # [B, R, S] float32
     idx = select_topk(scores, lengths, budgets, kmax=spec.max_budget(k_rot.shape[2]))  # [B, R, kmax] int32
     return sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=scaling, group=spec.group)

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 from lokitool.kernels import (  # noqa: E402
     LokiKeys,
     check_inputs,
+    decode_budgets,
     joined,
     kept_mask,
     loki_decode,
@@ -176,6 +177,31 @@ def test_select_is_exact_topk(kind, block_cap, kf):
     listed = idx.cpu().long()
     for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
         assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+
+
+@pytest.mark.parametrize("kf", [1e-4, 0.1, 0.25, 0.29, 1 / 3, 0.7, 1.0])
+def test_budgets_are_the_oracles(kf):
+    """decode_budgets (float64 in a kernel, kf passed as its bit pattern) gives decode_budget's
+    values exactly, on lengths where a float32 kf or an exact rational product would differ."""
+    lengths = torch.tensor([1, 2, 3, 7, 10, 29, 100, 300, 1000, 4095, 4096, 65537, 1 << 20, 2**31 - 1], dtype=torch.int32)
+    want = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    got = decode_budgets(lengths.to(DEVICE), kf).cpu()
+    assert got.dtype == torch.int32 and torch.equal(got, want), (got - want).nonzero().flatten().tolist()
+
+
+def test_second_call_launches_the_pinned_configs_with_the_same_result():
+    """After the first call each autotuned kernel launches through its pinned config: same bits."""
+    from lokitool.kernels import attention, score, select
+
+    b, h, hkv, s, dim, kf = 2, 4, 2, 70, 32, 0.3
+    q, k, v = make_cache(b, h, hkv, s, dim, torch.float16, seed=5)
+    lengths = torch.tensor([70, 33], dtype=torch.int32, device=DEVICE)
+    spec = LokiSpec(kf=kf, df=0.25)
+    first = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    for pinned in (score._SCORE, select._SELECT, attention._ATTENTION):
+        assert pinned.configs, pinned.kernel
+    second = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("kind", ["random", "few-values", "infinities", "extreme"])
