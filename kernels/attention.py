@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, pow2, upcast_dot
 from .layout import Keys, LokiKeys
 
 LOG2E = 1.4426950408889634
@@ -207,8 +207,8 @@ def _launch_merge(*, o_part, lse_part, out) -> None:
     b, h, nsplit, dim = o_part.shape
     assert lse_part.shape == (b, h, nsplit) and out.shape == (b, h, dim) and out.dtype == torch.float32
     assert o_part.stride(-1) == out.stride(-1) == lse_part.stride(-1) == 1
-    _merge_kernel[(b * h,)](
-        o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
+    launch(
+        _merge_kernel, (b * h,), o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
         stride_ob=o_part.stride(0), stride_oh=o_part.stride(1), stride_os=o_part.stride(2),
         stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
         stride_outb=out.stride(0), stride_outh=out.stride(1),

@@ -253,6 +253,10 @@ def run_method(method: str, x: dict, p: Point, device: torch.device, scaling: fl
     try:
         whole, stages = _stage_fns(method, x, p, scaling)
         res = MethodResult(output=whole().float())
+        if method == "loki-triton":  # peak memory counts the scratch that loki_decode's first call at a shape keeps
+            from ..kernels import clear_plans
+
+            clear_plans()
         res.peak_mem_mb = peak_extra_mb(whole, device)
         res.p10_ms, res.median_ms, res.p90_ms = time_ms(whole, device)
         res.plain_ms = time_ms(whole, device, graph=False)[1] if device.type == "cuda" else res.median_ms
@@ -325,6 +329,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
             ref = results["loki-torch"].output if "loki-torch" in results else None
             rows += [make_row(m, p, results[m], env, cfg, sdpa, ref, stamp) for m in methods]
             del x, results, ref
+            if "loki-triton" in methods and device.type == "cuda":
+                from ..kernels import clear_plans
+
+                clear_plans()  # the scratch of this point's shapes (its CUDA graphs are gone)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     csv_path = out_dir / "bench.csv"
