@@ -78,6 +78,7 @@ def bench(
                       speedup, r["plain_speedup_vs_sdpa"], r["score_ms"], r["select_ms"], r["attn_ms"], r["note"])
     out.print(table)
     rows_per = f"{heads} rows (one per query head)" if group == "head" else f"{kv_heads} rows (one per KV head, shared by its {heads // kv_heads} query heads)"
-    out.print(f"selection: group {group}, {rows_per} per sequence; median = CUDA-graph replays, plain = launches without a graph")
+    timing = "median = CUDA-graph replays, plain = launches without a graph" if env.copy_gbps else "median = plain = calls on the CPU"
+    out.print(f"selection: group {group}, {rows_per} per sequence; {timing}")
     written = [str(result.csv_path), str(result.json_path)] + ([str(result.png_path)] if result.png_path else [])
     out.print(f"torch {env.torch}, triton {env.triton}; wrote {', '.join(written)}")
