@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from lokitool.bench.e2e import PRESETS, random_model
+from lokitool.bench.presets import PRESETS, random_model
 from lokitool.calib.collect import collect_statistics
 from lokitool.calib.models import LoadedModel
 

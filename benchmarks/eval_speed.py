@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lokitool.bench.e2e import random_model
+from lokitool.bench.presets import random_model
 from lokitool.evals.ppl import evaluate_spec
 from lokitool.results import versions
 from lokitool.sparse.attention import MethodSpec

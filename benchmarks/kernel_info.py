@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from lokitool.kernels import attention, loki_decode, score, select, split_keys
+from lokitool.sparse.reference import LokiSpec
 
 
 def compiled_kernels(jit_fn):
@@ -21,7 +22,7 @@ def main() -> None:
     k = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
     v = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
     lengths = torch.full((b,), s, dtype=torch.int32, device="cuda")
-    loki_decode(q, split_keys(k, 32), v, lengths, d=32, kf=0.25, scaling=dim**-0.5)
+    loki_decode(q, split_keys(k, 32), v, lengths, spec=LokiSpec(kf=0.25, df=0.25), scaling=dim**-0.5)
     torch.cuda.synchronize()
     for name, fn in [("score", score._score_kernel), ("select", select._select_kernel),
                      ("attention", attention._sparse_attention_kernel), ("merge", attention._merge_kernel)]:

@@ -1,4 +1,4 @@
-"""Models with random weights at known shapes (lokitool.e2e.PRESETS): speed does not depend on
+"""Models with random weights at known shapes (lokitool.bench.presets.PRESETS): speed does not depend on
 weights, and the GPU machine has no model files. `python benchmarks/random_model.py SHAPE OUT_DIR [--tokenizer DIR]`
 saves one as a model folder that `lokitool calibrate --model OUT_DIR` loads."""
 
@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from lokitool.bench.e2e import PRESETS, random_model
+from lokitool.bench.presets import PRESETS, random_model
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
-"""Small helpers shared by the Loki kernel files: autotune pruning, padding, a dot for the interpreter."""
+"""Small helpers shared by the Loki kernel files: autotune pruning and pinning, launches that can be
+recorded and replayed, padding, a dot for the interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import triton
@@ -33,6 +35,83 @@ def keep_configs(configs: list, ok) -> list:
 def launch_args(named_args: dict, kwargs: dict) -> dict:
     """The launch arguments as one dict, whether they were passed by position or by keyword."""
     return {**named_args, **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Launches: pinned configs, recorded for replay
+#
+# Triton's launch path costs the host tens of microseconds per launch, most of it spent working out
+# each argument's specialization again (and, for an autotuned kernel, the autotuner's key). A decode
+# step whose shapes repeat can skip that: its first call records each launch (the compiled kernel,
+# the grid, the arguments in signature order) and later calls replay the record with their own
+# tensors swapped in (loki_decode.py). A record is only valid for arguments that specialize the same
+# way: same shapes, strides and dtypes, and pointers with the same 16-byte alignment.
+
+
+class Recorded:
+    """The launches of one call, in order: (runner of a compiled kernel at its grid, arguments)."""
+
+    def __init__(self):
+        self.launches: list[tuple[object, list]] = []
+        self.complete = True  # False if a launch could not be recorded (the interpreter compiles nothing)
+
+
+_recording: Recorded | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Record the launches made inside the block (see `Recorded`)."""
+    global _recording
+    rec = _recording = Recorded()
+    try:
+        yield rec
+    finally:
+        _recording = None
+
+
+def _record(jit_fn, compiled, grid, args: dict) -> None:
+    if _recording is None:
+        return
+    if compiled is None or interpreting():
+        _recording.complete = False
+        return
+    if callable(grid):
+        grid = grid(args)
+    grid = (*grid, 1, 1)[:3]
+    _recording.launches.append((compiled[grid], [args[name] for name in jit_fn.arg_names]))
+
+
+def launch(kernel, grid, **args) -> None:
+    """kernel[grid](**args), recorded while a `recording()` is open."""
+    compiled = kernel[grid](**args)
+    _record(kernel, compiled, grid, args)
+
+
+class Pinned:
+    """An autotuned kernel launched through its chosen config, pinned per autotune key after the
+    first launch: later launches skip the autotuner's per-call work (it rebuilds its key and copies
+    the arguments into dicts on every call). The key is the autotuner's (its `key` arguments) plus
+    the dtypes the launcher passes; the config is the one the autotuner chose for that key, so
+    results are those of the autotuned launch.
+
+        _SCORE = Pinned(_score_kernel)
+        _SCORE.launch(grid, (q.dtype, k.dtype), q_ptr=q, ..., S_HINT=pow2(s))
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.configs: dict[tuple, object] = {}
+
+    def launch(self, grid, dtypes: tuple, **args) -> None:
+        key = (dtypes, *(args[name] for name in self.kernel.keys))
+        config = self.configs.get(key)
+        if config is None:
+            compiled = self.kernel[grid](**args)
+            config = self.configs[key] = self.kernel.best_config
+        else:
+            compiled = self.kernel.fn[grid](**args, **config.all_kwargs())
+        _record(self.kernel.fn, compiled, grid, {**args, **config.kwargs})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ kept row is read once for all of them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_f32, keep_configs, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, pow2, upcast_dot
 from .layout import Keys, LokiKeys
 
 LOG2E = 1.4426950408889634
@@ -123,6 +125,9 @@ def _sparse_attention_kernel(
     tl.store(lse_part_ptr + b * stride_lb + (h0 + offs_g) * stride_lh + pid_split, lse, mask=g_ok)
 
 
+_ATTENTION = Pinned(_sparse_attention_kernel)
+
+
 @triton.jit
 def _merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr,
@@ -151,6 +156,12 @@ def _merge_kernel(
 # Launchers
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def num_splits(rows: int, kmax: int, num_sms: int) -> int:
     """Pieces per selection row: enough programs for ~8 per multiprocessor, pieces of >= 64 rows."""
     want = triton.cdiv(8 * num_sms, rows)
@@ -175,8 +186,8 @@ def _launch(
     assert budgets.shape == (b,) and budgets.dtype == torch.int32
     assert o_part.shape == (b, h, nsplit, dim) and lse_part.shape == (b, h, nsplit)
     grid = (nsplit, b * rows)
-    _sparse_attention_kernel[grid](
-        q_ptr=q_rot, k_ptr=k_lo, kh_ptr=k_hi, v_ptr=v, idx_ptr=idx, budgets_ptr=budgets, o_part_ptr=o_part, lse_part_ptr=lse_part,
+    _ATTENTION.launch(
+        grid, (q_rot.dtype,), q_ptr=q_rot, k_ptr=k_lo, kh_ptr=k_hi, v_ptr=v, idx_ptr=idx, budgets_ptr=budgets, o_part_ptr=o_part, lse_part_ptr=lse_part,
         stride_qb=q_rot.stride(0), stride_qh=q_rot.stride(1),
         stride_kb=k_lo.stride(0), stride_kh=k_lo.stride(1), stride_ks=k_lo.stride(2),
         stride_hb=k_hi.stride(0), stride_hh=k_hi.stride(1), stride_hs=k_hi.stride(2),
@@ -196,8 +207,8 @@ def _launch_merge(*, o_part, lse_part, out) -> None:
     b, h, nsplit, dim = o_part.shape
     assert lse_part.shape == (b, h, nsplit) and out.shape == (b, h, dim) and out.dtype == torch.float32
     assert o_part.stride(-1) == out.stride(-1) == lse_part.stride(-1) == 1
-    _merge_kernel[(b * h,)](
-        o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
+    launch(
+        _merge_kernel, (b * h,), o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
         stride_ob=o_part.stride(0), stride_oh=o_part.stride(1), stride_os=o_part.stride(2),
         stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
         stride_outb=out.stride(0), stride_outh=out.stride(1),
@@ -229,13 +240,13 @@ def sparse_decode_attention(
     qps = 1 if group == "head" else h // hkv
     rows = idx.shape[1]
     if nsplit is None:
-        sms = torch.cuda.get_device_properties(q_rot.device).multi_processor_count if q_rot.is_cuda else 4
-        nsplit = num_splits(b * rows, idx.shape[2], sms)
+        nsplit = num_splits(b * rows, idx.shape[2], multiprocessors(q_rot.device))
     o_part = torch.empty(b, h, nsplit, dim, dtype=torch.float32, device=q_rot.device)
     lse_part = torch.empty(b, h, nsplit, dtype=torch.float32, device=q_rot.device)
     out = torch.empty(b, h, dim, dtype=torch.float32, device=q_rot.device)
     _launch(
-        q_rot=q_rot, k_rot=k_rot, v=v, idx=idx, budgets=budgets.to(torch.int32), o_part=o_part, lse_part=lse_part,
+        q_rot=q_rot, k_rot=k_rot, v=v, idx=idx, budgets=budgets if budgets.dtype == torch.int32 else budgets.to(torch.int32),
+        o_part=o_part, lse_part=lse_part,
         scaling=scaling, qps=qps, nsplit=nsplit,
     )
     _launch_merge(o_part=o_part, lse_part=lse_part, out=out)

@@ -17,17 +17,30 @@ Stages, each callable (and timed by the benchmark) on its own:
     out    = sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=s, group=group)
 No stage synchronises with the host (lengths given on the GPU are trusted), so a decode step can be
 captured in a CUDA graph.
+
+Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
+and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
+argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
+every stage, and a record of its six launches (compiled kernel, grid, arguments; _common.Recorded),
+made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
+pointer alignments, settings and stream check nothing again and replay the record with their own
+tensors swapped in: a key lookup, one allocation (the output) and six launches. The last MAX_PLANS
+plans keep their scratch (about B x R x S x 5 bytes, R selection rows; `clear_plans()` frees it);
+a plan serves one call at a time on its stream, and a CUDA graph captured from loki_decode may be
+replayed only while its plan is kept. A decode loop over a cache whose length grows each step
+(sparse/generation.py) gets a new plan per step and gains nothing here; one that passes the
+preallocated cache and per-sequence lengths would. Pass lengths as int32 on the GPU: anything else
+costs a conversion per call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..sparse.reference import LokiSpec, decode_budget
-from .attention import sparse_decode_attention
-from .layout import Keys, LokiKeys
-from .score import loki_scores
-from .select import select_topk
+from ..sparse.reference import LokiSpec
+from . import attention, score, select
+from ._common import recording
+from .layout import Keys, LokiKeys, scored_plane
 
 
 def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: torch.Tensor, *, d: int) -> None:
@@ -54,6 +67,102 @@ def check_inputs(q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: tor
         raise ValueError(f"lengths must lie in [1, {k_rot.shape[2]}], got {lengths.tolist()}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Plans: scratch and recorded launches per shape
+
+
+class _Plan:
+    def __init__(self, q_rot: torch.Tensor, k_rot: Keys, *, spec: LokiSpec, d: int):
+        b, h, dim = q_rot.shape
+        _, hkv, s, _ = k_rot.shape
+        device = q_rot.device
+        self.rows = h if spec.group == "head" else hkv
+        self.kmax = spec.max_budget(s)
+        self.block = select.tile(s)
+        self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
+        f32 = dict(dtype=torch.float32, device=device)
+        self.budgets = torch.empty(b, dtype=torch.int32, device=device)
+        self.scores = torch.empty(b, self.rows, s, **f32)  # [B, R, S]
+        self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
+        self.select_ws = select.workspace(b, self.rows, s, self.block, device)
+        self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
+        self.lse_part = torch.empty(b, h, self.nsplit, **f32)
+        self.spec, self.d = spec, d
+        self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
+
+    def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
+        """The five stages through the launchers (recorded on the first call)."""
+        group_kv = self.spec.group == "kv"
+        select._launch_budgets(lengths=lengths, budgets=self.budgets, kf=self.spec.kf)  # [B] k = max(1, floor(kf x length))
+        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv)
+        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, block=self.block, **self.select_ws)
+        qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
+        attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
+                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit)
+        attention._launch_merge(o_part=self.o_part, lse_part=self.lse_part, out=out)
+
+    def record(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
+        """Run the stages once, recording each launch and where the call's own tensors sit in it."""
+        with recording() as rec:
+            self.stages(q_rot, k_rot, v, lengths, out, scaling)
+        if not rec.complete:
+            return
+        mine = {id(t): i for i, t in enumerate(_call_tensors(q_rot, k_rot, v, lengths, out))}
+        self.replay = []
+        for run, args in rec.launches:
+            slots = [(pos, mine[id(a)]) for pos, a in enumerate(args) if id(a) in mine]
+            for pos, _ in slots:
+                args[pos] = None  # the record must not keep this call's cache alive
+            self.replay.append((run, args, slots))
+
+    def run(self, q_rot, k_rot, v, lengths, out, scaling: float, stream: int | None) -> None:
+        if self.replay is None:
+            self.stages(q_rot, k_rot, v, lengths, out, scaling)
+            return
+        tensors = _call_tensors(q_rot, k_rot, v, lengths, out)
+        for run, args, slots in self.replay:
+            args = list(args)
+            for pos, which in slots:
+                args[pos] = tensors[which]
+            run(*args, stream=stream)
+
+
+def _call_tensors(q_rot, k_rot, v, lengths, out) -> tuple:
+    """The tensors a call brings, as the launchers pass them (the high plane of LokiKeys, or the
+    plain keys twice: attention._launch reads both planes from one tensor then)."""
+    if isinstance(k_rot, LokiKeys):
+        low, high = k_rot
+        return q_rot, low, high if high.shape[-1] else low, v, lengths, out
+    return q_rot, k_rot, k_rot, v, lengths, out
+
+
+MAX_PLANS = 4  # oldest dropped first: a decode loop whose cache length grows makes a plan per step
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def clear_plans() -> None:
+    """Free every plan's scratch (no CUDA graph captured from loki_decode may be replayed after)."""
+    _PLANS.clear()
+
+
+def _plan_key(q_rot, k_rot, v, lengths, spec: LokiSpec, scaling: float, stream: int | None) -> tuple:
+    """What a record depends on: shapes, strides, dtypes, 16-byte alignment of every pointer, the
+    settings, the device and stream."""
+    parts = [spec.kf, spec.df, spec.group, scaling, q_rot.device, stream]
+    planes = (k_rot.low, k_rot.high) if isinstance(k_rot, LokiKeys) else (k_rot, None)
+    for t in (q_rot, *planes, v):
+        if t is None:
+            parts.append(None)
+        else:
+            parts += [t.shape, t.stride(), t.dtype, t.data_ptr() % 16]
+    parts += [lengths.shape, lengths.dtype, lengths.data_ptr() % 16]
+    return tuple(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public wrapper
+
+
 def loki_decode(
     q_rot: torch.Tensor,
     k_rot: Keys,
@@ -64,10 +173,20 @@ def loki_decode(
     scaling: float,
 ) -> torch.Tensor:
     """One Loki decode step: [B, H, D] float32 (see the module docstring); d = spec.dims(D)."""
-    d = spec.dims(q_rot.shape[-1])
-    check_inputs(q_rot, k_rot, v, lengths, d=d)
-    lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
-    budgets = decode_budget(lengths, spec.kf).to(torch.int32)  # [B] k = max(1, floor(kf x length))
-    scores = loki_scores(q_rot, k_rot, lengths, d=d, group=spec.group)  # [B, R, S] float32
-    idx = select_topk(scores, lengths, budgets, kmax=spec.max_budget(k_rot.shape[2]))  # [B, R, kmax] int32
-    return sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=scaling, group=spec.group)
+    if lengths.dtype != torch.int32 or lengths.device != q_rot.device:
+        check_inputs(q_rot, k_rot, v, lengths, d=spec.dims(q_rot.shape[-1]))  # range-checks CPU lengths
+        lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
+    stream = torch.cuda.current_stream(q_rot.device).cuda_stream if q_rot.is_cuda else None
+    key = _plan_key(q_rot, k_rot, v, lengths, spec, scaling, stream)
+    plan = _PLANS.get(key)
+    out = torch.empty(q_rot.shape, dtype=torch.float32, device=q_rot.device)  # [B, H, D]
+    if plan is None:
+        d = spec.dims(q_rot.shape[-1])
+        check_inputs(q_rot, k_rot, v, lengths, d=d)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = _Plan(q_rot, k_rot, spec=spec, d=d)
+        plan.record(q_rot, k_rot, v, lengths, out, scaling)
+    else:
+        plan.run(q_rot, k_rot, v, lengths, out, scaling, stream)
+    return out

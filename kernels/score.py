@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_f32, keep_configs, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, keep_configs, launch_args, pow2, upcast_dot
 from .layout import Keys, scored_plane
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +81,9 @@ def _score_kernel(
             tl.store(s_ptrs, s, mask=g_ok[:, None] & in_len[None, :])
 
 
+_SCORE = Pinned(_score_kernel)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launcher
 
@@ -95,8 +98,8 @@ def _launch(*, q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, 
     assert scores.shape == (b, hkv if group_kv else h, s) and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and lengths.dtype == torch.int32
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"] * meta["STEPS"]), b * hkv)
-    _score_kernel[grid](
-        q_ptr=q_rot, k_ptr=k_rot, lengths_ptr=lengths, scores_ptr=scores,
+    _SCORE.launch(
+        grid, (q_rot.dtype, k_rot.dtype), q_ptr=q_rot, k_ptr=k_rot, lengths_ptr=lengths, scores_ptr=scores,
         stride_qb=q_rot.stride(0), stride_qh=q_rot.stride(1),
         stride_kb=k_rot.stride(0), stride_kh=k_rot.stride(1), stride_ks=k_rot.stride(2),
         stride_sb=scores.stride(0), stride_sr=scores.stride(1),
@@ -117,5 +120,7 @@ def loki_scores(q_rot: torch.Tensor, k_rot: Keys, lengths: torch.Tensor, *, d: i
         raise ValueError(f"group must be 'head' or 'kv', not {group!r}")
     rows = q_rot.shape[1] if group == "head" else k_rot.shape[1]
     scores = torch.empty(q_rot.shape[0], rows, k_rot.shape[2], dtype=torch.float32, device=q_rot.device)
-    _launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths.to(torch.int32), scores=scores, d=d, group_kv=group == "kv")
+    if lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)
+    _launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=scores, d=d, group_kv=group == "kv")
     return scores

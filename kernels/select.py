@@ -20,15 +20,20 @@ k-th key is larger than BLOCK, then that bucket is compacted into a scratch tile
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
+
+The budgets themselves come from a one-program kernel (`decode_budgets`): k = max(1, floor(kf x n))
+in float64, as the oracle's token_budget computes them, in one launch instead of five torch ops.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import keep_configs, launch_args, pow2
+from ._common import Pinned, keep_configs, launch, launch_args, pow2
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -138,6 +143,18 @@ def _prune(configs, named_args, **kwargs):
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def _budget_kernel(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
+    """budgets[b] = max(1, floor(kf x lengths[b])), in float64 (kf arrives as its int64 bit pattern:
+    a float scalar argument would be rounded to float32)."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < num_seqs
+    n = tl.load(lengths_ptr + offs, mask=ok, other=0)
+    kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
+    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK"], prune_configs_by={"early_config_prune": _prune})
@@ -261,37 +278,72 @@ def _select_long_kernel(
         _emit_row(row_ptr, n, thr, need, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
 
 
+_SELECT = Pinned(_select_kernel)
+
+
 # ----------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 
 
-def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, block: int) -> None:
+def workspace(b: int, rows: int, s: int, block: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Scratch of one selection: each row's threshold, kept counts per write chunk, and (rows longer
+    than the register tile) a tile per row for the bucket being bisected."""
+    nch = max(1, block // WRITE_CHUNK)
+    empty = lambda n: torch.empty(n, dtype=torch.int32, device=device)  # noqa: E731
+    return {"thr": empty(b * rows), "counts": empty(b * rows * nch), "scratch": empty(b * rows * block if s > block else 0)}
+
+
+def _launch(
+    *, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, block: int,
+    thr: torch.Tensor, counts: torch.Tensor, scratch: torch.Tensor,
+) -> None:
     b, rows, s = scores.shape
+    nch = max(1, block // WRITE_CHUNK)
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
     assert idx.shape[:2] == (b, rows) and idx.dtype == torch.int32 and idx.stride(-1) == 1
     assert block == triton.next_power_of_2(block) and block >= 128, block
+    assert thr.numel() == b * rows and counts.numel() == b * rows * nch and (s <= block or scratch.numel() == b * rows * block)
     common = dict(
         scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, idx_ptr=idx,
         stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
         num_rows=rows, BLOCK=block, GROUP=GROUP,
     )
-    nch = max(1, block // WRITE_CHUNK)
-    thr = idx.new_empty(b * rows)
-    counts = idx.new_empty(b * rows * nch)
-    _select_kernel[(b * rows,)](thr_ptr=thr, counts_ptr=counts, **common, NCH=nch)
-    _write_kernel[(nch, b * rows)](
+    _SELECT.launch((b * rows,), (), thr_ptr=thr, counts_ptr=counts, **common, NCH=nch)
+    launch(
+        _write_kernel, (nch, b * rows),
         scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts,
         stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
         num_rows=rows, BLOCK=block, NCH=nch, GROUP=GROUP, num_warps=4,
     )
     if s > block:
-        scratch = idx.new_empty(b * rows * block)
-        _select_long_kernel[(b * rows,)](scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
+        launch(_select_long_kernel, (b * rows,), scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
+
+
+def _launch_budgets(*, lengths: torch.Tensor, budgets: torch.Tensor, kf: float) -> None:
+    assert lengths.dim() == 1 and lengths.dtype == torch.int32 and budgets.shape == lengths.shape and budgets.dtype == torch.int32
+    assert 0 < kf <= 1, kf
+    kf_bits = struct.unpack("<q", struct.pack("<d", kf))[0]
+    launch(
+        _budget_kernel, (1,), lengths_ptr=lengths, budgets_ptr=budgets, kf_bits=kf_bits, num_seqs=lengths.shape[0], BLOCK=pow2(lengths.shape[0], 16)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
+
+
+def decode_budgets(lengths: torch.Tensor, kf: float) -> torch.Tensor:
+    """int32 [B] budgets k = max(1, floor(kf x lengths[b])) of lengths [B] int32: the values of the
+    oracle's decode_budget (float64 product, floored), in one launch and no host sync."""
+    budgets = torch.empty_like(lengths)
+    _launch_budgets(lengths=lengths, budgets=budgets, kf=kf)
+    return budgets
+
+
+def tile(s: int, block_cap: int = DEFAULT_BLOCK_CAP) -> int:
+    """Tokens a row program holds in registers: the row length, as a power of two in [128, block_cap]."""
+    return min(pow2(s, 128), pow2(block_cap, 128))
 
 
 def select_topk(
@@ -301,8 +353,12 @@ def select_topk(
     largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined."""
     b, rows, s = scores.shape
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
-    block = min(pow2(s, 128), pow2(block_cap, 128))
-    _launch(scores=scores, lengths=lengths.to(torch.int32), budgets=budgets.to(torch.int32), idx=idx, block=block)
+    block = tile(s, block_cap)
+    if lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)
+    if budgets.dtype != torch.int32:
+        budgets = budgets.to(torch.int32)
+    _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, block=block, **workspace(b, rows, s, block, scores.device))
     return idx
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lokitool.bench import kernels as bench
+from lokitool.bench import output, presets
 from lokitool.cli.main import main
 from lokitool.errors import UserError
 from lokitool.sparse.reference import LokiSpec
@@ -41,11 +42,11 @@ def test_cpu_run_appends_rows_with_the_documented_columns(capsys, tmp_path):
     assert code == 0, err
     with (tmp_path / "bench.csv").open() as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == bench.CSV_COLUMNS
+        assert reader.fieldnames == output.CSV_COLUMNS
         rows = list(reader)
     required = {"gpu", "method", "batch", "heads", "kv_heads", "head_dim", "seq_len", "kf", "df", "dtype",
-                "median_ms", "gbps", "speedup_vs_sdpa", "torch", "triton"}
-    assert required <= set(bench.CSV_COLUMNS)
+                "median_ms", "plain_ms", "gbps", "speedup_vs_sdpa", "plain_speedup_vs_sdpa", "byte_ceiling", "torch", "triton"}
+    assert required <= set(output.CSV_COLUMNS)
     assert [(r["method"], r["seq_len"]) for r in rows] == [
         (m, s) for s in ("48", "100") for m in ("sdpa", "loki-torch", "loki-triton")
     ]
@@ -70,13 +71,30 @@ def test_cpu_run_appends_rows_with_the_documented_columns(capsys, tmp_path):
 
 
 def test_presets_and_overrides():
-    assert bench.resolve_shape("llama3-8b", None, None, None) == (32, 8, 128)
-    assert bench.resolve_shape("smollm2-135m", None, None, None) == (9, 3, 64)
-    assert bench.resolve_shape(None, None, None, None) == bench.PRESETS["llama2-13b"] == (40, 40, 128)
-    assert bench.resolve_shape("mistral-7b", 16, None, None) == (16, 8, 128)
-    assert bench.resolve_shape(None, 12, None, 64) == (12, 12, 64)  # --num-heads alone: MHA
+    shape = presets.attention_shape
+    assert shape("llama3-8b", None, None, None) == (32, 8, 128)
+    assert shape("smollm2-135m", None, None, None) == (9, 3, 64)
+    assert shape(None, None, None, None) == presets.PRESETS["llama2-13b"].attention_shape == (40, 40, 128)
+    assert shape("mistral-7b", 16, None, None) == (16, 8, 128)
+    assert shape(None, 12, None, 64) == (12, 12, 64)  # --num-heads alone: MHA
     with pytest.raises(UserError, match="choose one of"):
-        bench.resolve_shape("gpt-5", None, None, None)
+        shape("gpt-5", None, None, None)
+
+
+def test_one_preset_table_holds_every_shape_bench_and_e2e_name():
+    """The attention shapes bench used and the LlamaConfig fields bench-e2e used, from one table."""
+    want = {"llama2-7b": (32, 32, 128), "llama2-13b": (40, 40, 128), "llama2-70b": (64, 8, 128), "llama3-8b": (32, 8, 128),
+            "llama3-70b": (64, 8, 128), "mistral-7b": (32, 8, 128), "qwen2.5-7b": (28, 4, 128), "smollm2-135m": (9, 3, 64),
+            "smollm2-1.7b": (32, 32, 64), "llama3.2-1b": (32, 8, 64), "tiny": (4, 2, 16)}
+    assert {name: p.attention_shape for name, p in presets.PRESETS.items()} == want
+    assert presets.PRESETS["llama3.2-1b"].vocab_size == presets.PRESETS["smollm2-135m"].vocab_size == 49152
+    assert presets.PRESETS["llama3-8b"].llama_fields() == dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+    assert "rope_theta" not in presets.PRESETS["tiny"].llama_fields()  # LlamaConfig's default
+    loaded = presets.random_model("tiny", torch.device("cpu"), torch.float32)
+    facts = loaded.facts
+    assert (facts.num_heads, facts.num_kv_heads, facts.head_dim, facts.num_layers) == (4, 2, 16, 2)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +116,7 @@ def test_bad_flags_fail_in_one_line(args, message, capsys, tmp_path):
 def test_csv_with_other_columns_is_not_mixed(tmp_path):
     (tmp_path / "bench.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match="other columns"):
-        bench.append_csv(tmp_path / "bench.csv", [])
+        output.append_csv(tmp_path / "bench.csv", [])
 
 
 def test_byte_model_matches_the_issue():
@@ -106,3 +124,24 @@ def test_byte_model_matches_the_issue():
     p = bench.Point(16, 40, 40, 128, 4096, LokiSpec(kf=0.25, df=0.25), torch.float16)
     assert p.loki_bytes / p.kv_bytes == pytest.approx(0.375)
     assert p.kv_bytes == 16 * 40 * 4096 * 128 * 2 * 2
+    assert p.byte_ceiling == pytest.approx(1 / 0.375)
+
+
+def test_per_query_head_selection_on_gqa_has_a_ceiling_below_one():
+    """llama3-8b (G = 4), kf = df = 0.25: each query head reads its own kept rows, 1.125x the bytes
+    of full attention; shared per KV head (group kv) the ceiling is MHA's 2.67x again."""
+    head = bench.Point(16, 32, 8, 128, 16384, LokiSpec(kf=0.25, df=0.25, group="head"), torch.float16)
+    kv = bench.Point(16, 32, 8, 128, 16384, LokiSpec(kf=0.25, df=0.25, group="kv"), torch.float16)
+    assert head.byte_ceiling == pytest.approx(1 / 1.125)
+    assert kv.byte_ceiling == pytest.approx(1 / 0.375)
+
+
+def test_cli_prints_the_selection_mode_and_gqa_ceiling(capsys, tmp_path):
+    args = ["bench", "--device", "cpu", "--model", "smollm2-135m", "--batch-size", "1", "--seq-len", "64", "--methods",
+            "sdpa,loki-torch", "--no-plot", "--output-path", str(tmp_path)]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "selection: group head, 9 rows (one per query head)" in out and "ceiling" in out
+    code, out, err = run_cli(args + ["--group", "kv"], capsys)
+    assert code == 0, err
+    assert "selection: group kv, 3 rows (one per KV head, shared by its 3 query heads)" in out and "ceiling" not in out

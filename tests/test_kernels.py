@@ -24,6 +24,8 @@ pytest.importorskip("triton")
 from lokitool.kernels import (  # noqa: E402
     LokiKeys,
     check_inputs,
+    clear_plans,
+    decode_budgets,
     joined,
     kept_mask,
     loki_decode,
@@ -176,6 +178,88 @@ def test_select_is_exact_topk(kind, block_cap, kf):
     listed = idx.cpu().long()
     for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
         assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+
+
+@pytest.mark.parametrize("kf", [1e-4, 0.1, 0.25, 0.29, 1 / 3, 0.7, 1.0])
+def test_budgets_are_the_oracles(kf):
+    """decode_budgets (float64 in a kernel, kf passed as its bit pattern) gives decode_budget's
+    values exactly, on lengths where a float32 kf or an exact rational product would differ."""
+    lengths = torch.tensor([1, 2, 3, 7, 10, 29, 100, 300, 1000, 4095, 4096, 65537, 1 << 20, 2**31 - 1], dtype=torch.int32)
+    want = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    got = decode_budgets(lengths.to(DEVICE), kf).cpu()
+    assert got.dtype == torch.int32 and torch.equal(got, want), (got - want).nonzero().flatten().tolist()
+
+
+def test_second_call_launches_the_pinned_configs_with_the_same_result():
+    """After the first call each autotuned kernel launches through its pinned config: same bits."""
+    from lokitool.kernels import attention, score, select
+
+    b, h, hkv, s, dim, kf = 2, 4, 2, 70, 32, 0.3
+    q, k, v = make_cache(b, h, hkv, s, dim, torch.float16, seed=5)
+    lengths = torch.tensor([70, 33], dtype=torch.int32, device=DEVICE)
+    spec = LokiSpec(kf=kf, df=0.25)
+    first = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    for pinned in (score._SCORE, select._SELECT, attention._ATTENTION):
+        assert pinned.configs, pinned.kernel
+    second = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("layout", ["plain", "split"])
+def test_plans_are_replayed_only_for_calls_that_match(layout):
+    """A second call with new data and the same shapes replays the first call's plan (on a GPU: its
+    recorded launches) and gives what a fresh plan gives; other strides get a plan of their own."""
+    import importlib
+
+    plans = importlib.import_module("lokitool.kernels.loki_decode")._PLANS
+    b, h, hkv, s, dim, kf = 2, 4, 2, 70, 32, 0.3
+    spec = LokiSpec(kf=kf, df=0.25, group="kv")
+    keys = (lambda k: split_keys(k, spec.dims(dim))) if layout == "split" else (lambda k: k)
+    (q1, k1, v1), (q2, k2, v2) = make_cache(b, h, hkv, s, dim, torch.float16, seed=1), make_cache(b, h, hkv, s, dim, torch.float16, seed=2)
+    lengths = torch.tensor([70, 33], dtype=torch.int32, device=DEVICE)
+    run = lambda q, k, v: loki_decode(q, keys(k), v, lengths, spec=spec, scaling=dim**-0.5)  # noqa: E731
+    clear_plans()
+    run(q1, k1, v1)
+    replayed = run(q2, k2, v2)
+    assert len(plans) == 1
+    clear_plans()
+    assert torch.equal(replayed, run(q2, k2, v2))
+    v_strided = v2.transpose(1, 2).contiguous().transpose(1, 2)  # same values and shape, other strides
+    assert torch.equal(replayed, run(q2, k2, v_strided)) and len(plans) == 2
+    clear_plans()
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
+@pytest.mark.parametrize("layout", ["plain", "split"])
+def test_replay_swaps_in_the_calls_tensors(layout, monkeypatch):
+    """The interpreter compiles nothing to record, so record interpreted launches instead: a replay
+    that put any of the call's tensors (or the plan's scratch) in the wrong slot would differ."""
+    import importlib
+
+    from lokitool.kernels import _common
+
+    def record_interpreted(jit_fn, compiled, grid, args):
+        if _common._recording is not None:
+            grid = grid(args) if callable(grid) else grid
+            runner = lambda *a, stream=None, grid=grid: jit_fn[grid](*a)  # noqa: E731
+            _common._recording.launches.append((runner, [args[name] for name in jit_fn.arg_names]))
+
+    monkeypatch.setattr(_common, "_record", record_interpreted)
+    plans = importlib.import_module("lokitool.kernels.loki_decode")._PLANS
+    b, h, hkv, s, dim = 2, 4, 2, 70, 32
+    spec = LokiSpec(kf=0.3, df=0.25, group="head")
+    keys = (lambda k: split_keys(k, spec.dims(dim))) if layout == "split" else (lambda k: k)
+    (q1, k1, v1), (q2, k2, v2) = make_cache(b, h, hkv, s, dim, torch.float16, seed=1), make_cache(b, h, hkv, s, dim, torch.float16, seed=2)
+    run = lambda q, k, v, lengths: loki_decode(q, keys(k), v, lengths, spec=spec, scaling=dim**-0.5)  # noqa: E731
+    clear_plans()
+    run(q1, k1, v1, torch.tensor([70, 33], dtype=torch.int32))
+    (plan,) = plans.values()
+    assert plan.replay is not None and len(plan.replay) == 6
+    replayed = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
+    clear_plans()
+    fresh = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
+    assert torch.equal(replayed, fresh)
+    clear_plans()
 
 
 @pytest.mark.parametrize("kind", ["random", "few-values", "infinities", "extreme"])

@@ -6,8 +6,8 @@ random tokens. Methods:
     full-prealloc  the Loki cache's preallocated layout without rotation, and SDPA: isolates the cache
     loki           the Loki cache (rotated keys) and Loki decode (Triton kernels on CUDA, oracle on CPU)
 Prefill is exact (SDPA) for every method. Models: `default` (the embedded SmolLM2-135M) or any
-`load_model` spec, or a preset (`llama2-7b`, `llama3-8b`, `tiny`) built from a LlamaConfig with
-random weights (weights do not change speed).
+`load_model` spec, or a preset of bench/presets.py (`llama2-7b`, `llama3-8b`, `tiny`, ...) built
+with random weights (weights do not change speed).
 
 Two passes per method after `warmup` steps:
 1. clean: the device is synchronized only around each step -> per-token latency (median, p10, p90)
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -33,34 +32,18 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .. import __version__
 from ..calib.calibration import Calibration
 from ..calib.dispatch import route_attention, sdpa_attention
-from ..calib.models import LoadedModel, load_model, read_facts, resolve_device, resolve_dtype
+from ..calib.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from ..errors import UserError
-from ..results import git_hash
 from ..sparse import generation as gen
 from ..sparse.cache import LokiCache, cache_nbytes
 from ..sparse.reference import LokiSpec
+from .environment import environment
+from .presets import PRESETS, random_model
+from .timing import sync
 
 METHODS = ("full", "full-prealloc", "loki")
-
-# LlamaConfig fields of models built with random weights.
-PRESETS: dict[str, dict] = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
-    # calibration benchmarks (benchmarks/random_model.py); the SmolLM2 vocabulary, so the embedded
-    # tokenizer can feed them
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=49152, max_position_embeddings=8192),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
-}
-
 
 @dataclass(frozen=True)
 class E2EConfig:
@@ -101,18 +84,6 @@ class E2EConfig:
 # Models
 
 
-def random_model(preset: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """A LlamaForCausalLM of a preset shape with random weights, built directly on `device`."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(bos_token_id=1, eos_token_id=2, **PRESETS[preset])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    return LoadedModel(model=model, tokenizer=None, facts=read_facts(model, None, f"random-{preset}", None))
-
-
 def load(spec: str, device: str, dtype: str) -> LoadedModel:
     if spec in PRESETS:
         dev = resolve_device(device)
@@ -122,11 +93,6 @@ def load(spec: str, device: str, dtype: str) -> LoadedModel:
 
 # ----------------------------------------------------------------------------------------------
 # Timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RegionTimer:
@@ -141,10 +107,10 @@ class RegionTimer:
         def timed(*args, **kwargs):
             if not self.enabled:
                 return fn(*args, **kwargs)
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             result = fn(*args, **kwargs)
-            _sync(self.device)
+            sync(self.device)
             self.seconds[name] += time.perf_counter() - start
             return result
 
@@ -198,20 +164,20 @@ def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: tor
     last_logits = [None]  # random fp16 weights can overflow: report whether the logits stayed finite
 
     def step(token: torch.Tensor, into: list[float]) -> torch.Tensor:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         logits = gen.next_logits(model, token[:, None], cache)  # [B, V]
         token = logits.argmax(-1)
-        _sync(device)
+        sync(device)
         into.append(time.perf_counter() - start)
         last_logits[0] = logits
         return token
 
     with instrumented(method, model, cache, spec, facts.head_dim, device, timer), torch.no_grad():
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         token = gen.prefill(model, ids, cache, cfg.prefill_chunk)
-        _sync(device)
+        sync(device)
         prefill_s = time.perf_counter() - start
         for _ in range(cfg.warmup):
             token = step(token, [])
@@ -262,26 +228,11 @@ def run_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: tor
 # The run
 
 
-def environment(device: torch.device) -> dict:
-    import transformers
-
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "lokitool": __version__,
-        "git": git_hash(short=True) or "unknown",
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        try:
-            import triton
-
-            env["triton"] = triton.__version__
-        except ImportError:
-            env["triton"] = None
-    return env
+def provenance(device: torch.device) -> dict:
+    """The columns of e2e.csv that say what ran: bench's environment record under e2e's names."""
+    env = environment(device)
+    return {"device": env.gpu, "torch": env.torch, "transformers": env.transformers, "triton": env.triton, "cuda": env.cuda,
+            "lokitool": env.lokitool, "git": env.git, "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def run_e2e(cfg: E2EConfig, loaded: LoadedModel | None = None, progress: Callable[[str], None] = lambda msg: None) -> list[dict]:
@@ -301,7 +252,7 @@ def run_e2e(cfg: E2EConfig, loaded: LoadedModel | None = None, progress: Callabl
     if facts.bos_token_id is not None:
         ids[:, 0] = facts.bos_token_id
     ids = ids.to(device)
-    env = environment(device)
+    env = provenance(device)
     common = {"model": facts.model_id, "dtype": str(dtype).removeprefix("torch."), "num_layers": facts.num_layers,
               "num_heads": facts.num_heads, "num_kv_heads": facts.num_kv_heads, "head_dim": facts.head_dim}
     rows = []

@@ -6,7 +6,8 @@ keys already in the PCA basis. Methods:
     loki-torch   the reference's decode stages (sparse/reference.py: float32 scores, torch.topk, gather)
     loki-triton  lokitool.kernels.loki_decode (scores -> threshold top-k -> sparse flash-decoding)
 Every point reports the median time and its spread (10th/90th percentiles) of CUDA-graph replays
-with the L2 cache flushed before each (triton.testing.do_bench), the time of each stage, the
+with the L2 cache flushed before each (triton.testing.do_bench), the median of plain launches (no
+graph: the host's launch overhead shows where it exceeds the GPU's time), the time of each stage, the
 bytes a method must move over that time (GB/s) and as a fraction of the card's measured copy
 bandwidth, the speedup over SDPA, and the peak extra memory. Rows are appended to
 OUTPUT/bench.csv (GPU name and library versions in every row), this run is written to
@@ -19,17 +20,18 @@ Byte counts (elt = bytes per element, R = selection rows: H for group "head", Hk
 loki-triton reads its keys in the two-plane Loki layout (kernels/layout.py: the d scored dims of all
 tokens contiguous, the other D - d dims in a second plane; same values, each stored once) unless
 --layout plain; sdpa and loki-torch read the plain [B, Hkv, S, D] cache.
-At kf = df = 0.25 with MHA that is 0.375 of the bytes of full attention: a 2.7x ceiling.
+At kf = df = 0.25 with MHA that is 0.375 of the bytes of full attention: a 2.7x ceiling
+(Point.byte_ceiling). With GQA and one selection per query head (group "head") each of the G query
+heads of a KV head reads its own kept rows: at G = 4 the ceiling falls below 1x.
+
+Layers: presets.py (shapes) -> environment.py, timing.py -> this file (config, byte model, methods,
+the run) -> output.py (bench.csv rows, bench.png).
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
-import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,36 +39,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import __version__, fileio
 from ..errors import UserError
-from ..fileio import atomic_path, ensure_writable_dir, write_text_atomic
-from ..results import git_hash
+from ..fileio import ensure_writable_dir, write_text_atomic
 from ..sparse import reference as ref
 from ..sparse.reference import LokiSpec, expand_kv
+from .environment import Environment, environment, timing_device
+from .output import append_csv, make_row, plot_latency
+from .timing import copy_bandwidth, peak_extra_mb, time_ms
 
-# Attention shapes (query heads, KV heads, head dim) of well-known models.
-PRESETS: dict[str, tuple[int, int, int]] = {
-    "llama2-7b": (32, 32, 128),
-    "llama2-13b": (40, 40, 128),
-    "llama2-70b": (64, 8, 128),
-    "llama3-8b": (32, 8, 128),
-    "llama3-70b": (64, 8, 128),
-    "mistral-7b": (32, 8, 128),
-    "qwen2.5-7b": (28, 4, 128),
-    "smollm2-135m": (9, 3, 64),
-    "smollm2-1.7b": (32, 32, 64),
-}
-DEFAULT_PRESET = "llama2-13b"
 METHODS = ("sdpa", "loki-torch", "loki-triton")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("split", "plain")  # loki-triton's keys: two planes split after dim d (the Loki layout), or one tensor
-
-CSV_COLUMNS = [
-    "gpu", "method", "batch", "heads", "kv_heads", "head_dim", "seq_len", "kf", "df", "d", "k", "group", "layout", "dtype",
-    "median_ms", "p10_ms", "p90_ms", "gbps", "frac_copy_bw", "floor_ms", "speedup_vs_sdpa",
-    "score_ms", "select_ms", "attn_ms", "score_gbps", "attn_gbps", "peak_mem_mb", "max_err_vs_loki_torch",
-    "copy_gbps", "note", "torch", "triton", "cuda", "lokitool", "git", "timestamp",
-]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,120 +102,6 @@ class BenchConfig:
         out.update(kf=spec["kf"], df=spec["df"], group=spec["group"])
         out["output_path"] = str(self.output_path)
         return out
-
-
-def resolve_shape(preset: str | None, num_heads: int | None, num_kv_heads: int | None, head_dim: int | None) -> tuple[int, int, int]:
-    """(H, Hkv, D): a preset's shape with any dimension given explicitly overriding it. Without a
-    preset, missing dimensions come from llama2-13b, and --num-heads alone means MHA."""
-    name = preset or DEFAULT_PRESET
-    if name not in PRESETS:
-        raise UserError(f"unknown --model preset {name!r}; choose one of {', '.join(PRESETS)} or give --num-heads/--num-kv-heads/--head-dim")
-    h, hkv, d = PRESETS[name]
-    if preset is None and num_heads is not None and num_kv_heads is None:
-        num_kv_heads = num_heads
-    return num_heads or h, num_kv_heads or hkv, head_dim or d
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment
-
-
-@dataclass(frozen=True)
-class Environment:
-    gpu: str
-    torch: str
-    triton: str
-    cuda: str
-    lokitool: str
-    git: str
-    copy_gbps: float | None = None  # measured device-to-device copy, bytes read + written
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "not installed"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("no CUDA GPU found: bench times GPU kernels; pass --device cpu to time the PyTorch reference on the CPU at small shapes")
-    return torch.device("cuda")
-
-
-def environment(device: torch.device) -> Environment:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    return Environment(gpu=gpu, torch=torch.__version__, triton=_triton_version(), cuda=torch.version.cuda or "none",
-                       lokitool=__version__, git=git_hash(short=True) or "unknown")
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """GB/s of one large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
-    dst = torch.empty_like(src)
-    # eager: a copy captured in a CUDA graph may run on the copy engines, which are slower
-    ms = time_ms(lambda: dst.copy_(src), device, graph=False, rep_ms=300)[1]
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: int = 100, graph: bool = True) -> tuple[float, float, float]:
-    """(p10, median, p90) milliseconds of fn. On a GPU: fn captured once in a CUDA graph (so launch
-    overhead stays out, as in a serving loop), replayed by triton.testing.do_bench, which flushes
-    the L2 cache before each replay; falls back to eager calls if capture fails."""
-    if device.type != "cuda":
-        fn()
-        times = []
-        deadline = time.perf_counter() + rep_ms / 1000
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
-        qs = statistics.quantiles(times, n=10)
-        return qs[0], statistics.median(times), qs[-1]
-    from triton.testing import do_bench
-
-    fn()  # compile and autotune outside the graph
-    torch.cuda.synchronize(device)
-    target: Callable[[], object] = fn
-    cuda_graph = torch.cuda.CUDAGraph()
-    if graph:
-        try:
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                fn()  # warm the caching allocator on the capture stream
-                with torch.cuda.graph(cuda_graph, stream=stream):
-                    fn()
-            torch.cuda.current_stream(device).wait_stream(stream)
-            target = cuda_graph.replay
-        except RuntimeError:
-            target = fn
-    p10, p50, p90 = do_bench(target, warmup=max(25, rep_ms // 4), rep=rep_ms, quantiles=[0.1, 0.5, 0.9])
-    del cuda_graph
-    return p10, p50, p90
-
-
-def peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Memory fn allocates beyond what is already allocated, at its peak (MiB)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    del out
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +157,11 @@ class Point:
     def loki_bytes(self) -> int:
         return self.batch * (self.kv_heads * self.seq_len * self.d + self.rows * self.k * 2 * self.head_dim) * self.elt
 
+    @property
+    def byte_ceiling(self) -> float:
+        """The most Loki can gain over full attention if both run at the same bandwidth."""
+        return self.kv_bytes / self.loki_bytes
+
     def workspace_bytes(self, method: str) -> int:
         """Rough peak of what a method allocates besides the cache (for the does-it-fit check)."""
         b, h, s = self.batch, self.heads, self.seq_len
@@ -335,9 +209,10 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: floa
 
 @dataclass
 class MethodResult:
-    median_ms: float | None = None
+    median_ms: float | None = None  # CUDA-graph replays (plain calls on the CPU)
     p10_ms: float | None = None
     p90_ms: float | None = None
+    plain_ms: float | None = None  # plain launches, no graph
     stages: dict[str, float] = field(default_factory=dict)
     peak_mem_mb: float | None = None
     output: torch.Tensor | None = None
@@ -378,8 +253,13 @@ def run_method(method: str, x: dict, p: Point, device: torch.device, scaling: fl
     try:
         whole, stages = _stage_fns(method, x, p, scaling)
         res = MethodResult(output=whole().float())
+        if method == "loki-triton":  # peak memory counts the scratch that loki_decode's first call at a shape keeps
+            from ..kernels import clear_plans
+
+            clear_plans()
         res.peak_mem_mb = peak_extra_mb(whole, device)
         res.p10_ms, res.median_ms, res.p90_ms = time_ms(whole, device)
+        res.plain_ms = time_ms(whole, device, graph=False)[1] if device.type == "cuda" else res.median_ms
         for name, fn in stages.items():
             res.stages[name] = time_ms(fn, device)[1]
         return res
@@ -399,93 +279,6 @@ def fits(p: Point, method: str, device: torch.device) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows, files
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
-
-
-def _fmt_rate(x: float | None) -> str:
-    return "" if x is None else f"{x:.4g}"
-
-
-def make_row(method: str, p: Point, res: MethodResult, env: Environment, cfg: BenchConfig, sdpa_ms: float | None,
-             ref: torch.Tensor | None, stamp: str) -> dict[str, str]:
-    bw = env.copy_gbps
-    moved = p.kv_bytes if method == "sdpa" else p.loki_bytes
-    gbps = moved / (res.median_ms * 1e-3) / 1e9 if res.median_ms else None
-    floor_ms = moved / (bw * 1e9) * 1e3 if bw else None
-    err = None
-    if ref is not None and res.output is not None and method == "loki-triton":
-        err = float((res.output - ref).abs().max())
-    st = res.stages
-    return {
-        "gpu": env.gpu, "method": method, "batch": str(p.batch), "heads": str(p.heads), "kv_heads": str(p.kv_heads),
-        "head_dim": str(p.head_dim), "seq_len": str(p.seq_len), "kf": str(cfg.spec.kf), "df": str(cfg.spec.df), "d": str(p.d),
-        "k": str(p.k), "group": p.group, "layout": p.layout if method == "loki-triton" else "plain", "dtype": cfg.dtype,
-        "median_ms": _fmt(res.median_ms), "p10_ms": _fmt(res.p10_ms), "p90_ms": _fmt(res.p90_ms),
-        "gbps": _fmt_rate(gbps), "frac_copy_bw": _fmt(gbps / bw if gbps and bw else None, 3), "floor_ms": _fmt(floor_ms),
-        "speedup_vs_sdpa": _fmt(sdpa_ms / res.median_ms if sdpa_ms and res.median_ms else None, 3),
-        "score_ms": _fmt(st.get("score")), "select_ms": _fmt(st.get("select")), "attn_ms": _fmt(st.get("attn")),
-        "score_gbps": _fmt_rate(p.score_bytes / (st["score"] * 1e-3) / 1e9 if st.get("score") else None),
-        "attn_gbps": _fmt_rate(p.attn_bytes / (st["attn"] * 1e-3) / 1e9 if st.get("attn") else None),
-        "peak_mem_mb": _fmt(res.peak_mem_mb, 1), "max_err_vs_loki_torch": _fmt(err, 6),
-        "copy_gbps": _fmt_rate(bw), "note": res.note,
-        "torch": env.torch, "triton": env.triton, "cuda": env.cuda, "lokitool": env.lokitool, "git": env.git,
-        "timestamp": stamp,
-    }
-
-
-def append_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    """Append rows to a bench.csv with CSV_COLUMNS, rewriting it atomically."""
-    fileio.append_csv(path, CSV_COLUMNS, rows)
-
-
-def plot_latency(csv_path: Path, png_path: Path) -> None:
-    """Median latency against context length, one panel per batch size, one line per method, for
-    the GPU, shape and settings of the newest row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["median_ms"]]
-    if not rows:
-        return
-    last = rows[-1]
-    same = ("gpu", "heads", "kv_heads", "head_dim", "kf", "df", "group", "dtype")
-    rows = [r for r in rows if all(r[c] == last[c] for c in same)]
-    latest: dict[tuple, dict] = {}
-    for r in rows:  # newest measurement of each point wins
-        label = f"loki-triton ({r['layout']})" if r["method"] == "loki-triton" else r["method"]
-        latest[(label, int(r["batch"]), int(r["seq_len"]))] = r
-    batches = sorted({key[1] for key in latest})
-    labels = sorted({key[0] for key in latest}, key=lambda m: (m.split(" ")[0] not in METHODS, METHODS.index(m.split(" ")[0]), m))
-    colors = {m: f"C{i}" for i, m in enumerate(labels)}  # one color per method in every panel
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for method in labels:
-            pts = sorted((s, float(r["median_ms"])) for (m, bb, s), r in latest.items() if m == method and bb == batch)
-            if pts:
-                ax.plot([s for s, _ in pts], [t for _, t in pts], marker="o", label=method, color=colors[method])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("decode attention, median ms")
-        ax.set_title(f"batch {batch}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{last['gpu']}: H={last['heads']} Hkv={last['kv_heads']} D={last['head_dim']} {last['dtype']} "
-                 f"kf={last['kf']} df={last['df']} group={last['group']}", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -500,11 +293,11 @@ class BenchRun:
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) -> BenchRun:
     out_dir = ensure_writable_dir(cfg.output_path)
-    device = resolve_device(cfg.device)
+    device = timing_device(cfg.device)
     env = environment(device)
     methods = list(cfg.methods)
     if device.type == "cuda":
-        env = Environment(**{**asdict(env), "copy_gbps": measure_copy_bandwidth(device)})
+        env = env.with_copy_bandwidth(copy_bandwidth(device))
         if "loki-triton" in methods and env.triton == "not installed":
             raise UserError("loki-triton needs triton: pip install 'lokitool[gpu]', or leave it out of --methods")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -532,10 +325,14 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
                 else:
                     m_ok, m_why = fits(p, method, device)
                     results[method] = run_method(method, x, p, device, scaling) if m_ok else MethodResult(note=m_why)
-            sdpa_ms = results["sdpa"].median_ms if "sdpa" in results else None
+            sdpa = results.get("sdpa")
             ref = results["loki-torch"].output if "loki-torch" in results else None
-            rows += [make_row(m, p, results[m], env, cfg, sdpa_ms, ref, stamp) for m in methods]
+            rows += [make_row(m, p, results[m], env, cfg, sdpa, ref, stamp) for m in methods]
             del x, results, ref
+            if "loki-triton" in methods and device.type == "cuda":
+                from ..kernels import clear_plans
+
+                clear_plans()  # the scratch of this point's shapes (its CUDA graphs are gone)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     csv_path = out_dir / "bench.csv"
@@ -543,7 +340,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
     png_path = None
     if cfg.plot:
         png_path = out_dir / "bench.png"
-        plot_latency(csv_path, png_path)
+        plot_latency(csv_path, png_path, order=METHODS)
     json_path = out_dir / "bench.json"
     write_text_atomic(json_path, json.dumps({"config": cfg.to_dict(), "environment": asdict(env), "rows": rows}, indent=2) + "\n")
     return BenchRun(rows=rows, env=env, csv_path=csv_path, png_path=png_path, json_path=json_path)

@@ -26,7 +26,7 @@ def _fmt(x, spec: str) -> str:
 
 @app.command("bench-e2e")
 def bench_e2e_command(
-    model: str = typer.Option("default", help="`default` (embedded SmolLM2-135M), a load spec, or a random-weight preset: llama2-7b, llama3-8b, tiny."),
+    model: str = typer.Option("default", help="`default` (embedded SmolLM2-135M), a load spec, or a random-weight preset (bench/presets.py): llama2-7b, llama3-8b, tiny, ..."),
     batch_size: str = typer.Option("1", help="Sequences decoded together; comma-separated for a sweep."),
     prompt_len: str = typer.Option("512", help="Prompt tokens; comma-separated for a sweep."),
     new_tokens: int = typer.Option(32, help="Timed decode steps per method."),
