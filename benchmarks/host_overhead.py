@@ -38,11 +38,21 @@ if SMOKE:
 os.environ.setdefault("LOKITOOL_AUTOTUNE", "0")
 
 import torch  # noqa: E402
+from lokitool.kernels import (  # noqa: E402  # noqa: E402
+    _common,
+    attention,
+    check_inputs,
+    clear_plans,
+    decode_budgets,
+    loki_decode,
+    loki_scores,
+    select_topk,
+    sparse_decode_attention,
+    split_keys,
+)
 
 from lokitool.bench.environment import environment  # noqa: E402
 from lokitool.bench.presets import PRESETS  # noqa: E402
-from lokitool.kernels import _common, attention, check_inputs, clear_plans, split_keys  # noqa: E402
-from lokitool.kernels import decode_budgets, loki_decode, loki_scores, select_topk, sparse_decode_attention  # noqa: E402
 from lokitool.sparse import reference as ref  # noqa: E402
 from lokitool.sparse.reference import LokiSpec  # noqa: E402
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from lokitool.kernels import attention, loki_decode, score, select, split_keys
+
 from lokitool.sparse.reference import LokiSpec
 
 

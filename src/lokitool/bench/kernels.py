@@ -31,7 +31,6 @@ the run) -> output.py (bench.csv rows, bench.png).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,8 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import results as results_file
 from ..errors import UserError
-from ..fileio import ensure_writable_dir, write_text_atomic
+from ..fileio import ensure_writable_dir
 from ..sparse import reference as ref
 from ..sparse.reference import LokiSpec, expand_kv
 from .environment import Environment, environment, timing_device
@@ -341,6 +341,6 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
     if cfg.plot:
         png_path = out_dir / "bench.png"
         plot_latency(csv_path, png_path, order=METHODS)
-    json_path = out_dir / "bench.json"
-    write_text_atomic(json_path, json.dumps({"config": cfg.to_dict(), "environment": asdict(env), "rows": rows}, indent=2) + "\n")
+    json_path = results_file.write_results(out_dir, "bench", {"config": cfg.to_dict(), "environment": asdict(env), "rows": rows},
+                                      keep_dated=False)
     return BenchRun(rows=rows, env=env, csv_path=csv_path, png_path=png_path, json_path=json_path)

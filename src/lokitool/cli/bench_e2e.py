@@ -48,8 +48,9 @@ def bench_e2e_command(
 
     import torch
 
+    from .. import results
     from ..bench import e2e
-    from ..fileio import ensure_writable_dir, write_json_atomic
+    from ..fileio import ensure_writable_dir
 
     configs = [
         e2e.E2EConfig(
@@ -74,7 +75,7 @@ def bench_e2e_command(
             continue
         rows.extend(got)
         append_csv(output_path / "e2e.csv", CSV_COLUMNS, got)
-        write_json_atomic(output_path / "e2e.json", {"configs": [e2e.config_dict(c) for c in configs], "results": rows})
+        results.write_results(output_path, "e2e", {"configs": [e2e.config_dict(c) for c in configs], "results": rows}, keep_dated=False)
 
     if not rows:
         raise UserError("no point ran (all out of memory); lower --batch-size or --prompt-len")
