@@ -43,7 +43,7 @@ from .environment import environment
 from .presets import PRESETS, random_model
 from .timing import sync
 
-METHODS = ("full", "full-prealloc", "loki")
+E2E_METHODS = ("full", "full-prealloc", "loki")
 
 @dataclass(frozen=True)
 class E2EConfig:
@@ -53,7 +53,7 @@ class E2EConfig:
     new_tokens: int = 32
     kf: float = 0.25
     df: float = 0.25
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = E2E_METHODS
     device: str = "auto"
     dtype: str = "auto"
     calibration: str | None = None
@@ -70,9 +70,9 @@ class E2EConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.profile_tokens < 0:
             raise UserError("--warmup and --profile-tokens must be >= 0")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in E2E_METHODS]
         if unknown or not self.methods:
-            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+            raise UserError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(E2E_METHODS)}")
         self.spec()  # validates kf, df, basis, group
 
     def spec(self) -> LokiSpec:

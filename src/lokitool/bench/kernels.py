@@ -47,7 +47,7 @@ from .environment import Environment, environment, timing_device
 from .output import append_csv, make_row, plot_latency
 from .timing import copy_bandwidth, peak_extra_mb, time_ms
 
-METHODS = ("sdpa", "loki-torch", "loki-triton")
+KERNEL_METHODS = ("sdpa", "loki-torch", "loki-triton")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("split", "plain")  # loki-triton's keys: two planes split after dim d (the Loki layout), or one tensor
 
@@ -65,7 +65,7 @@ class BenchConfig:
     seq_lens: tuple[int, ...] = (4096, 16384, 65536)
     spec: LokiSpec = LokiSpec()  # kf, df (d = spec.dims(D)) and group; the basis does not change speed
     dtype: str = "float16"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = KERNEL_METHODS
     layout: str = "split"
     output_path: Path = Path("runs/bench")
     device: str = "auto"
@@ -84,9 +84,9 @@ class BenchConfig:
             raise UserError("--seq-len takes positive integers, e.g. --seq-len 4096,16384")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype} is not supported; use one of {', '.join(DTYPES)}")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in KERNEL_METHODS]
         if unknown or not self.methods:
-            raise UserError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {','.join(METHODS)}")
+            raise UserError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {','.join(KERNEL_METHODS)}")
         if self.layout not in LAYOUTS:
             raise UserError(f"--layout {self.layout} is not one of {', '.join(LAYOUTS)}")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -340,7 +340,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda msg: None) ->
     png_path = None
     if cfg.plot:
         png_path = out_dir / "bench.png"
-        plot_latency(csv_path, png_path, order=METHODS)
+        plot_latency(csv_path, png_path, order=KERNEL_METHODS)
     json_path = results_file.write_results(out_dir, "bench", {"config": cfg.to_dict(), "environment": asdict(env), "rows": rows},
                                       keep_dated=False)
     return BenchRun(rows=rows, env=env, csv_path=csv_path, png_path=png_path, json_path=json_path)

@@ -36,13 +36,13 @@ class EvalConfig:
     backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
 
     def __post_init__(self) -> None:
-        from ..sparse.attention import LOW_RANK, METHODS
+        from ..sparse.attention import EVAL_METHODS, LOW_RANK
 
         if not self.methods:
-            raise UserError(f"--methods is empty; choose from {', '.join(METHODS)}")
+            raise UserError(f"--methods is empty; choose from {', '.join(EVAL_METHODS)}")
         for m in self.methods:
-            if m not in METHODS:
-                raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in EVAL_METHODS:
+                raise UserError(f"unknown method {m!r}; choose from {', '.join(EVAL_METHODS)}")
         if any(m != "full" for m in self.methods) and not self.kf:
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):

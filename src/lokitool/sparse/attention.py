@@ -24,7 +24,7 @@ from . import bases
 from . import reference as loki
 from .reference import LokiSpec
 
-METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
+EVAL_METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
 LOW_RANK = ("loki", "random-basis")
 
 
@@ -36,8 +36,8 @@ class MethodSpec:
     loki: LokiSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method not in EVAL_METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose from {', '.join(EVAL_METHODS)}")
         if self.method != "full" and self.loki is None:
             raise UserError(f"method {self.method} needs --kf")
         if self.method in LOW_RANK and (self.loki.df is None) == (self.loki.variance is None):
