@@ -68,6 +68,18 @@ class ModelFacts:
     def layer_window(self, layer: int) -> int | None:
         return self.sliding_window if layer in self.sliding_layers else None
 
+    def attention_summary(self) -> str:
+        """One line on what shapes attention beyond causality: sliding layers, soft-capping, sinks ('' if none)."""
+        parts = []
+        if self.sliding_layers:
+            layers = ", ".join(map(str, self.sliding_layers))
+            parts.append(f"{self.sliding_window}-token sliding window on {len(self.sliding_layers)} of {self.num_layers} layers ({layers})")
+        if self.softcap:
+            parts.append(f"logits soft-capped at {self.softcap:g}")
+        if self.attention_sinks:
+            parts.append("learned sink logits")
+        return "; ".join(parts)
+
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
