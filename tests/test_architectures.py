@@ -53,7 +53,7 @@ FAMILIES = [
     Family("mistral", "MistralConfig", dict(sliding_window=WINDOW), sliding=(0, 1)),
     Family("qwen2", "Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), sliding=(1,)),
     Family("qwen3", "Qwen3Config", key_norm="BSHD"),
-    Family("gemma2", "Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=5.0, query_pre_attn_scalar=16),
+    Family("gemma2", "Gemma2Config", dict(sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=16, initializer_range=0.2),
            attn="eager", sliding=(0,)),
     Family("gemma3", "Gemma3TextConfig", dict(sliding_window=WINDOW, sliding_window_pattern=2, query_pre_attn_scalar=16,
            rope_local_base_freq=100.0), heads=(4, 1), key_norm="BHSD", sliding=(0,)),
@@ -230,17 +230,37 @@ def test_full_budgets_generate_as_full_attention_past_the_window(family, loki_pr
     assert torch.equal(got, want)
 
 
-def test_the_window_matters_to_these_checks():
-    """The same weights with a window wider than the sequence give other logits: the tests above would
-    catch attention that ignores the window."""
-    from transformers import AutoModelForCausalLM
+def _wrong_attention(drop: str):
+    """A route to exact attention that forgets one thing the model asks for: its mask and window
+    ("window"), or its soft-capping and sink logits ("extras")."""
+    from lokitool.calib.dispatch import visible_keys
+    from lokitool.sparse import reference as loki
 
-    loaded, _ = tiny(FAMILIES[1])  # mistral, a window on every layer
-    config = build_config("MistralConfig", sliding_window=4 * SEQ)
-    wide = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    wide.load_state_dict(loaded.model.state_dict())
-    tokens = random_tokens(1, SEQ, seed=7)
-    assert (_logits(wide, tokens) - _logits(loaded.model, tokens)).abs().max() > 1e-3
+    def make_handler(_module):
+        def handler(mod, q, k, v, mask, scaling=None, **kwargs):
+            visible = None if drop == "window" else visible_keys(mask, q.shape[2], k.shape[2], kwargs.get("sliding_window"), q.device)
+            extras = {} if drop == "extras" else dict(softcap=kwargs.get("softcap"), sink_logits=kwargs.get("s_aux"))
+            out = loki.sparse_attention(q, k, v, selector=loki.full_selector(), spec=LokiSpec(kf=1.0), scaling=scaling, mask=visible, **extras)
+            return out.transpose(1, 2).to(q.dtype).contiguous(), None
+
+        return handler
+
+    return make_handler
+
+
+@pytest.mark.parametrize("family", by_name([f.name for f in FAMILIES if f.sliding]))
+def test_these_checks_see_what_is_forgotten(family):
+    """The matrix is not vacuous: attention that ignores the window (or Gemma 2's soft-capping,
+    gpt-oss's sinks) moves these tiny models' logits far beyond the tolerance used above."""
+    from lokitool.calib.dispatch import route_attention
+
+    loaded, _ = tiny(family)
+    tokens = random_tokens(2, SEQ, seed=7)
+    want = _logits(loaded.model, tokens)
+    drops = ["window"] + (["extras"] if family.name in ("gemma2", "gpt_oss") else [])
+    for drop in drops:
+        with route_attention(loaded.model, _wrong_attention(drop)):
+            assert (_logits(loaded.model, tokens) - want).abs().max() > 1e-2, drop
 
 
 @pytest.mark.parametrize("name, config, fused", REFUSED, ids=[r[0] for r in REFUSED])
