@@ -206,18 +206,42 @@ def test_full_budgets_reproduce_the_model_past_the_window(family):
         assert abs(recorder.kept_fraction() - 1.0) < 1e-9  # every visible key kept, and no more
 
 
+@pytest.mark.parametrize("budget", ["per-row", "window"])
 @pytest.mark.parametrize("family", by_name([f.name for f in FAMILIES if f.sliding]))
-def test_sparse_rows_select_inside_the_window(family):
-    """At kf < 1 a sliding layer's rows keep floor(kf x visible) keys, all inside the window."""
+def test_sparse_rows_select_inside_the_window(family, budget):
+    """At kf < 1 a sliding layer's rows keep floor(kf x visible) keys (per-row budgets) or
+    min(visible, floor(kf x window)) (window budgets: the window is the most a row sees)."""
     loaded, calibration = tiny(family)
-    spec = MethodSpec("loki", LokiSpec(kf=0.5, df=0.5))
+    spec = MethodSpec("loki", LokiSpec(kf=0.5, df=0.5, budget=budget))
     with patched(loaded.model, loaded.facts, spec, calibration) as recorder:
         _logits(loaded.model, random_tokens(1, SEQ, seed=8))
     layer = family.sliding[0]
     visible = torch.arange(SEQ).add(1).clamp(max=WINDOW).double()
-    kept = torch.floor(0.5 * visible).clamp(min=1)
+    kept = torch.floor(0.5 * visible).clamp(min=1) if budget == "per-row" else visible.clamp(max=WINDOW // 2)
     want = float((kept / visible).mean())  # the mean over rows of kept / visible keys
     assert recorder.layers[layer].mean_kept_fraction == pytest.approx(want)
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_selection_under_a_window_keeps_the_top_visible_keys(sink):
+    """Against brute force: each row keeps its first `sink` visible keys and then the best-scored
+    visible keys, floor(kf x visible) in all, and nothing outside its window."""
+    from lokitool.calib.dispatch import visible_keys
+    from lokitool.sparse import reference as loki
+
+    scores = torch.randn(2, 3, SEQ, SEQ, generator=torch.Generator().manual_seed(0))
+    visible = visible_keys(None, SEQ, SEQ, WINDOW, "cpu")  # [1, 1, S, S]
+    budgets = loki.visible_budgets(LokiSpec(kf=0.4), visible, WINDOW)
+    keep = loki.select_visible(scores, visible, budgets, sink)
+    for t in range(SEQ):
+        seen = list(range(max(0, t - WINDOW + 1), t + 1))
+        k = max(1, int(0.4 * len(seen)))
+        for b in range(2):
+            for h in range(3):
+                forced = seen[: min(sink, k)]
+                rest = sorted((j for j in seen if j not in forced), key=lambda j: -float(scores[b, h, t, j]))
+                want = set(forced + rest[: k - len(forced)])
+                assert set(keep[b, h, t].nonzero().flatten().tolist()) == want
 
 
 @pytest.mark.parametrize("loki_prefill", [False, True], ids=["exact-prefill", "loki-prefill"])

@@ -351,8 +351,11 @@ def _check_skeleton(source: str, revision: str | None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source, revision=revision)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return  # no skeleton without weights (e.g. a quantized or remote-code model): read_facts checks after loading
     check_supported(skeleton, source)
 
 

@@ -20,7 +20,8 @@ Loki (for a KV head with orthonormal basis P, directions as columns, and a dimen
     d = round(df x D), halves rounded up, at least 1
 Budgets per row that sees n keys (n = t + 1 under a causal mask, at most the window on a sliding layer):
     per-row: k = max(1, floor(kf * n))             what a decoder at context n keeps
-    window:  k = min(n, max(1, floor(kf * L)))     the paper's perplexity code (L = window length)
+    window:  k = min(n, max(1, floor(kf * L)))     the paper's perplexity code (L = the most keys any
+                                                   row sees: the window length, or a sliding window)
 Sinks: the first `sink` visible keys are always kept, inside the same budget k.
 Exact attention over the kept keys follows the model's attention: `scaling`, then tanh soft-capping
 (`softcap`, Gemma 2), then softmax, with learned per-head sink logits in the normaliser (`sink_logits`,
@@ -197,9 +198,16 @@ def select(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor,
     return select_visible(scores, causal_mask(positions, scores.shape[-1]), budgets, sink)
 
 
-def visible_budgets(spec: "LokiSpec", visible: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """k per row from the number of keys it sees (the window and the mask, not t + 1): [.., b] int64."""
-    return spec.budgets(visible.sum(-1), window=num_keys)
+def visible_budgets(spec: "LokiSpec", visible: torch.Tensor, widest: int) -> torch.Tensor:
+    """k per row from the number of keys it sees (the window and the mask, not t + 1): [.., b] int64.
+    `widest`: the most keys any row of the layer sees (window budgets take kf of it: the sequence
+    length under a causal mask, the window on a sliding layer)."""
+    return spec.budgets(visible.sum(-1), window=widest)
+
+
+def widest_row(mask: torch.Tensor | None, num_keys: int) -> int:
+    """The most keys any query row sees: all `num_keys` under a causal mask, else from the mask."""
+    return num_keys if mask is None else max(1, int(mask.sum(-1).max()))
 
 
 def attention_logits(scores: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -346,12 +354,13 @@ def sparse_attention(
     out = torch.empty(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)
     offset = sk - sq
     prepared = selector.prepare(k) if selector.score is not None else None
+    widest = widest_row(mask, sk)
     for start in range(0, sq, block_rows):
         stop = min(sq, start + block_rows)
         qb = q[:, :, start:stop]
         positions = torch.arange(start + offset, stop + offset, device=q.device)
         visible = block_visible(mask, positions, sk)  # [B or 1, 1 or H, b, Sk]
-        budgets = visible_budgets(spec, visible, sk)
+        budgets = visible_budgets(spec, visible, widest)
         if selector.score is None:
             keep = visible.expand(b, h, -1, -1)
         else:
@@ -391,6 +400,7 @@ def h2o_attention(
     offset = sk - sq
     out = torch.empty(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)
     mass = torch.zeros(b, h, sk, dtype=torch.float32, device=q.device)  # attention received so far
+    widest = widest_row(mask, sk)
     for start in range(0, sq, block_rows):
         stop = min(sq, start + block_rows)
         qb = q[:, :, start:stop]
@@ -400,7 +410,7 @@ def h2o_attention(
         full = softmax_with_sinks(logits, sink_logits)
         cumulative = mass[:, :, None, :] + full.cumsum(dim=2)  # mass seen up to and including each row
         mass = cumulative[:, :, -1]
-        budgets = visible_budgets(spec, visible, sk)
+        budgets = visible_budgets(spec, visible, widest)
         recent = budgets // 2
         from_end = visible.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest visible key, 2 for the next...
         is_recent = visible & (from_end <= recent[..., None])
