@@ -105,7 +105,7 @@ def _rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 @pytest.mark.parametrize("family", by_name([f.name for f in FAMILIES]))
 def test_facts_record_the_sliding_layers(family):
-    loaded, calibration = tiny(family)
+    loaded, _ = tiny(family)
     facts = loaded.facts
     assert facts.sliding_layers == family.sliding
     assert facts.sliding_window == (WINDOW if family.sliding else None)
@@ -202,7 +202,8 @@ def test_full_budgets_reproduce_the_model_past_the_window(family):
     for spec in (MethodSpec("loki", full), MethodSpec("exact-topk", LokiSpec(kf=1.0, df=None)), MethodSpec("h2o", LokiSpec(kf=1.0, df=None))):
         with patched(loaded.model, loaded.facts, spec, calibration) as recorder:
             got = _logits(loaded.model, tokens)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family.name} {spec.method}: {m}")
+        label = f"{family.name} {spec.method}"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
         assert abs(recorder.kept_fraction() - 1.0) < 1e-9  # every visible key kept, and no more
 
 

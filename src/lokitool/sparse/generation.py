@@ -55,10 +55,14 @@ def loki_bases(spec: LokiSpec, calibration: Calibration | None, facts: ModelFact
     return bases.basis_for(spec.basis, calibration, spec.dims(facts.head_dim), shape).float()
 
 
-def visible_suffix(visible: torch.Tensor) -> int | None:
-    """For one query row per sequence, visible [B or 1, 1, 1, Sk]: the first visible key when every
-    sequence sees the same suffix [start, Sk) of the cache (causal: 0; a sliding window: Sk - window),
-    else None (padding, or anything else a decode kernel's per-sequence length cannot say)."""
+def visible_suffix(attention_mask, num_keys: int, sliding_window: int | None) -> int | None:
+    """For one query row per sequence: the first visible key when every sequence sees the same suffix
+    [start, Sk) of the cache (causal: 0; a sliding window: Sk - window), else None (padding, or
+    anything else a decode kernel's per-sequence length cannot say). Without a mask (what transformers
+    passes for a full layer's decode step) this is arithmetic, with no device sync."""
+    if attention_mask is None:
+        return max(0, num_keys - sliding_window) if sliding_window is not None else 0
+    visible = visible_keys(attention_mask, 1, num_keys, sliding_window, attention_mask.device)
     row = visible[:, 0, 0]  # [B or 1, Sk]
     count = int(row[0].sum())
     start = row.shape[-1] - count
@@ -85,13 +89,13 @@ def loki_handlers(
             softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
             if sq > 1 and not loki_prefill:
                 return exact_attention(mod, q_rot, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
-            visible = visible_keys(attention_mask, sq, sk, window, query.device)  # [B or 1, 1, Sq, Sk]
-            start = visible_suffix(visible) if sq == 1 and softcap is None and sinks is None else None
+            start = visible_suffix(attention_mask, sk, window) if sq == 1 and softcap is None and sinks is None else None
             if start is not None:  # the decode backend over the keys this step sees
                 lengths = torch.full((query.shape[0],), sk - start, dtype=torch.int32, device=query.device)
                 out = decode(q_rot[:, :, 0], key[:, :, start:], value[:, :, start:], lengths, spec=spec, scaling=scale)
                 return out[:, None].to(query.dtype), None  # [B, 1, H, D]
-            mask = None if plain_causal(attention_mask, sq, sk, window, query.device) else visible
+            causal = plain_causal(attention_mask, sq, sk, window, query.device)
+            mask = None if causal else visible_keys(attention_mask, sq, sk, window, query.device)  # [B or 1, 1, Sq, Sk]
             out = loki.sparse_attention(
                 q_rot, key, value, selector=selector, spec=spec, scaling=scale, mask=mask, softcap=softcap, sink_logits=sinks
             )
