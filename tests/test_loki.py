@@ -114,9 +114,9 @@ def test_group_selection_shares_keys_within_a_kv_group():
     captured = {}
     original = loki.attend
 
-    def spy(q_, k_, v_, keep, *args):
+    def spy(q_, k_, v_, keep, *args, **kwargs):
         captured["keep"] = keep
-        return original(q_, k_, v_, keep, *args)
+        return original(q_, k_, v_, keep, *args, **kwargs)
 
     loki.attend, saved = spy, loki.attend
     try:

@@ -103,7 +103,7 @@ class Calibration:
         if version > FORMAT_VERSION:
             raise UserError(f"{path} has format version {version}; this lokitool reads up to {FORMAT_VERSION}: upgrade")
         header = json.loads(meta["lokitool"])
-        facts = ModelFacts(**header.pop("model"))
+        facts = ModelFacts.from_dict(header.pop("model"))
         try:
             pca, query_moment = _stack(tensors, facts)
         except KeyError as err:

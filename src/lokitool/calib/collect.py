@@ -1,8 +1,9 @@
 """Stream attention-key (and query) statistics out of a model's forward passes.
 
 Keys are taken per layer and per KV head at two points:
-- `pre`: exactly as they enter the rotary embedding (output of `k_norm` if the model has one,
-  else of `k_proj`), through a forward hook;
+- `pre`: exactly as they enter the rotary embedding, through a forward hook on `k_proj` (a Linear,
+  so its output layout [B, S, Hkv*D] is known and checked against the config), passed through the
+  layer's `k_norm` where it has one (`models.pre_rope`: per head, or over all heads as OLMo 2 does);
 - `post`: as the attention function receives them (after the model's own RoPE), through the
   `lokitool` attention route.
 Queries are taken at the same two points and pooled over the query heads of each KV group
@@ -20,15 +21,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .dispatch import route_attention, sdpa_attention
-from .models import ModelFacts, attention_modules, pre_rope_key_module, pre_rope_query_module
+from .dispatch import exact_attention, route_attention
+from .models import ModelFacts, attention_modules, pre_rope
 from .moments import Statistics
-
-
-def _heads_first(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[B, S, H*D] or [B, S, H, D] -> [B, H, S, D]."""
-    b, s = x.shape[:2]
-    return x.reshape(b, s, -1, head_dim).transpose(1, 2)
 
 
 def _group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -46,12 +41,14 @@ def capture(model: nn.Module, facts: ModelFacts, sink: Sink, with_queries: bool 
 
     Hooks and the attention route are removed on exit, also after an exception.
     """
-    exact_attention = sdpa_attention()
     layers = attention_modules(model)
 
     def pre_hook(vector: str, layer: int):
+        attn = layers[layer]
+        heads = facts.num_kv_heads if vector == "key" else facts.num_heads
+
         def hook(_module, _inputs, output):
-            x = _heads_first(output, facts.head_dim)
+            x = pre_rope(attn, vector, output, heads, facts.head_dim)  # [B, H, S, D]
             if vector == "query":
                 x = _group_queries(x, facts.num_kv_heads)
             sink(vector, "pre", layer, x)
@@ -72,9 +69,9 @@ def capture(model: nn.Module, facts: ModelFacts, sink: Sink, with_queries: bool 
     handles = []
     try:
         for i, attn in enumerate(layers):
-            handles.append(pre_rope_key_module(attn).register_forward_hook(pre_hook("key", i)))
+            handles.append(attn.k_proj.register_forward_hook(pre_hook("key", i)))
             if with_queries:
-                handles.append(pre_rope_query_module(attn).register_forward_hook(pre_hook("query", i)))
+                handles.append(attn.q_proj.register_forward_hook(pre_hook("query", i)))
         with route_attention(model, make_handler):
             yield
     finally:

@@ -9,6 +9,9 @@ A model spec is one of:
 
 Attention modules are found structurally (any module with a `layer_idx` and a key projection),
 so every decoder whose attention follows transformers' standard layout works without per-model code.
+Tested families (tests/test_architectures.py): Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3,
+OLMo 2 and gpt-oss. Decoders that fuse q, k and v into one projection (Phi-3, GPT-NeoX, Falcon, ...)
+are refused before their weights load: there is no key projection to hook.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +50,44 @@ class ModelFacts:
     rope: bool
     max_positions: int | None
     bos_token_id: int | None
+    # Newer fields have defaults: calibration files written before them still load.
+    sliding_window: int | None = None  # the window of the sliding layers (keys seen per query, itself included)
+    sliding_layers: tuple[int, ...] = ()  # layers whose attention is limited to that window
+    softcap: float | None = None  # attention-logit soft-capping (Gemma 2)
+    attention_sinks: bool = False  # learned per-head sink logits in the softmax (gpt-oss)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "ModelFacts":
+        """The inverse of `to_dict`, for records of any lokitool version (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in names}
+        if "sliding_layers" in values:
+            values["sliding_layers"] = tuple(values["sliding_layers"] or ())
+        return cls(**values)
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    def attention_summary(self) -> str:
+        """One line on what shapes attention beyond causality: sliding layers, soft-capping, sinks ('' if none)."""
+        parts = []
+        if self.sliding_layers:
+            layers = ", ".join(map(str, self.sliding_layers))
+            parts.append(f"{self.sliding_window}-token sliding window on {len(self.sliding_layers)} of {self.num_layers} layers ({layers})")
+        if self.softcap:
+            parts.append(f"logits soft-capped at {self.softcap:g}")
+        if self.attention_sinks:
+            parts.append("learned sink logits")
+        return "; ".join(parts)
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        record["sliding_layers"] = list(self.sliding_layers)
+        return record
 
     def same_architecture(self, other: "ModelFacts") -> bool:
         keys = ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -84,15 +118,73 @@ def _key_projection(attn: nn.Module) -> nn.Module | None:
     return getattr(attn, "k_proj", None)
 
 
-def pre_rope_key_module(attn: nn.Module) -> nn.Module:
-    """The module whose output is the keys exactly as they enter the rotary embedding."""
-    norm = getattr(attn, "k_norm", None)
-    return norm if isinstance(norm, nn.Module) else attn.k_proj
+# Names fused q/k/v projections go by: Phi-3 `qkv_proj`, GPT-NeoX and Falcon `query_key_value`,
+# MPT `Wqkv`, GPT-2 `c_attn`.
+FUSED_PROJECTIONS = ("qkv_proj", "query_key_value", "Wqkv", "c_attn")
 
 
-def pre_rope_query_module(attn: nn.Module) -> nn.Module:
-    norm = getattr(attn, "q_norm", None)
-    return norm if isinstance(norm, nn.Module) else attn.q_proj
+def fused_projection(model: nn.Module) -> str | None:
+    """The name of a fused q/k/v projection in the model (e.g. `model.layers.0.self_attn.qkv_proj`), or None."""
+    for name, module in model.named_modules():
+        for attr in FUSED_PROJECTIONS:
+            if isinstance(getattr(module, attr, None), nn.Module):
+                return f"{name}.{attr}"
+    return None
+
+
+def check_supported(model: nn.Module, model_id: str) -> None:
+    """Refuse, in one line, a model lokitool cannot hook: fused q/k/v, or no `k_proj` at all."""
+    if attention_modules(model):
+        return
+    kind = getattr(_text_config(model.config), "model_type", type(model).__name__)
+    fused = fused_projection(model)
+    if fused is not None:
+        raise UserError(
+            f"{model_id} ({kind}) computes queries, keys and values in one fused projection ({fused.rsplit('.', 1)[-1]}); "
+            "lokitool needs a separate k_proj to read the keys (supported: Llama, Mistral, Qwen2/3, Gemma 2/3, OLMo 2, gpt-oss layouts)"
+        )
+    raise UserError(
+        f"{model_id} ({kind}) has no attention module with a `k_proj` projection; "
+        "lokitool supports decoders with transformers' standard attention layout (Llama, Mistral, Qwen, Gemma)"
+    )
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 1:
+        return int(weight.shape[0])
+    shape = getattr(norm, "normalized_shape", None)
+    return int(shape[-1]) if shape else None
+
+
+def pre_rope(attn: nn.Module, vector: str, projected: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Keys (vector "key") or queries ("query") exactly as they enter the rotary embedding, [B, H, S, D],
+    from the output of the layer's k_proj / q_proj, [B, S, H*D] (a Linear: its layout is known).
+
+    Where the layer normalises them first, the same norm module is applied here, by the width of its
+    weight: D, one norm per head (Qwen 3 norms [B, S, H, D] before the transpose, Gemma 3 [B, H, S, D]
+    after it: the same per-vector result); H*D, one norm over all heads before the split (OLMo 2).
+    Reading the projection, not the norm's output, keeps this free of guessing layouts from shapes."""
+    if projected.ndim != 3 or projected.shape[-1] != num_heads * head_dim:
+        raise UserError(
+            f"{type(attn).__name__}: {vector} projection gives {tuple(projected.shape)}, not [batch, seq, "
+            f"{num_heads} heads x {head_dim}] as the model's config says; this attention layout is not supported"
+        )
+    b, s, width = projected.shape
+    norm = getattr(attn, "k_norm" if vector == "key" else "q_norm", None)
+    x = projected
+    if isinstance(norm, nn.Module):
+        norm_width = _norm_width(norm)
+        if norm_width == width:
+            x = norm(projected)
+        elif norm_width == head_dim:
+            x = norm(projected.view(b, s, num_heads, head_dim))
+        else:
+            raise UserError(
+                f"{type(attn).__name__}: {vector} norm of width {norm_width} matches neither the head dim ({head_dim}) "
+                f"nor all heads ({width}); this attention layout is not supported"
+            )
+    return x.reshape(b, s, num_heads, head_dim).transpose(1, 2)
 
 
 def _text_config(config: Any) -> Any:
@@ -100,14 +192,30 @@ def _text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
+_UNSET = object()
+
+
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """The sliding window of each attention layer, None for full attention. A layer that names its own
+    window (`sliding_window` on the module: Gemma, Qwen 2/3, gpt-oss) says; otherwise the config's
+    window applies to every layer (Mistral passes `config.sliding_window` from each layer)."""
+    config = _text_config(model.config)
+    windows = []
+    for attn in attention_modules(model):
+        window = getattr(attn, "sliding_window", _UNSET)
+        if window is _UNSET:
+            window = getattr(config, "sliding_window", None)
+        windows.append(int(window) if window else None)
+    return windows
+
+
 def read_facts(model: nn.Module, tokenizer: Any, model_id: str, revision: str | None) -> ModelFacts:
     config = _text_config(model.config)
+    check_supported(model, model_id)
     layers = attention_modules(model)
-    if not layers:
-        raise UserError(
-            f"model {model_id} has no attention module with a `k_proj` projection; "
-            "lokitool supports decoders with transformers' standard attention layout (Llama, Mistral, Qwen, Gemma)"
-        )
+    windows = layer_windows(model)
+    sliding = tuple(i for i, w in enumerate(windows) if w is not None)
+    softcap = getattr(config, "attn_logit_softcapping", None)
     num_heads = int(config.num_attention_heads)
     num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
@@ -127,6 +235,10 @@ def read_facts(model: nn.Module, tokenizer: Any, model_id: str, revision: str | 
         rope=rope,
         max_positions=int(max_positions) if max_positions else None,
         bos_token_id=int(bos) if bos is not None else None,
+        sliding_window=max((w for w in windows if w is not None), default=None),
+        sliding_layers=sliding,
+        softcap=float(softcap) if softcap else None,
+        attention_sinks=any(isinstance(getattr(a, "sinks", None), torch.Tensor) for a in layers),
     )
 
 
@@ -233,11 +345,26 @@ def _converted_gguf_dir(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     return target, digest
 
 
+def _check_skeleton(source: str, revision: str | None) -> None:
+    """Refuse an unsupported attention layout from the config alone: the model is built on the meta
+    device (no weights read, no memory), so the refusal comes before any slow work."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return  # no skeleton without weights (e.g. a quantized or remote-code model): read_facts checks after loading
+    check_supported(skeleton, source)
+
+
 def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, device_map: str | None = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = {"device_map": device_map} if device_map else {}
     try:
+        _check_skeleton(source, revision)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, **extra)
     except ValueError as err:

@@ -80,7 +80,12 @@ def eval_command(
         console.print(f"  {evaluate._label(r):<32} ppl {r.perplexity:9.3f}  kept {_fmt(r.kept_fraction)}  ({r.seconds:.0f} s)")
 
     console.print(f"sparse attention by {chosen} ({dev}, {str(dt).removeprefix('torch.')})")
+    if loaded.facts.attention_summary():
+        console.print(f"attention: {loaded.facts.attention_summary()} (kept as the model has it; budgets count visible keys)")
     results = evaluate.run(config, loaded, windows.tokens, cal, on_result=report)
+    fallback = sorted({i for r in results for i in (r.torch_layers or [])})
+    if fallback:
+        console.print(f"layers {', '.join(map(str, fallback))} ran on torch: the kernels take no window, padding, soft-cap or sinks")
     path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
 
     full = next((r.perplexity for r in results if r.method == "full"), None)

@@ -50,7 +50,8 @@ def generate_command(
     ids = gen.encode_prompt(loaded.tokenizer, prompt, loaded.facts.bos_token_id, chat=chat)
     x = torch.tensor([ids], device=next(loaded.model.parameters()).device)
     mode = "full attention" if full else f"Loki kf={kf:g} df={df:g} (d={spec.dims(loaded.facts.head_dim)}, {basis} basis)"
-    console.print(f"{len(ids)} prompt tokens; {mode}")
+    shape = loaded.facts.attention_summary()
+    console.print(f"{len(ids)} prompt tokens; {mode}" + (f"; {shape}" if shape else ""))
     streamer = TextStreamer(loaded.tokenizer, skip_special_tokens=True)
     gen.generate_with(
         loaded.model, loaded.facts, x, max_new_tokens, spec, cal, loki_prefill=loki_prefill,

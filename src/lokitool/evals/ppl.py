@@ -35,6 +35,7 @@ class Result:
     jaccard_per_layer: list[float | None] | None
     seconds: float
     backend: str | None = None  # what ran the sparse attention (None for full: the model's own, or older files)
+    torch_layers: list[int] | None = None  # with backend triton: layers the kernels cannot express, run on torch
 
 
 @torch.inference_mode()
@@ -58,6 +59,7 @@ def evaluate_spec(
     import time
 
     start = time.perf_counter()
+    torch_layers = None
     if spec.method == "full":
         nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
         kept, jaccard, per_layer = 1.0, None, None
@@ -66,6 +68,7 @@ def evaluate_spec(
         with patched(loaded.model, loaded.facts, spec, calibration, backend) as recorder:
             nll, count = window_nll(loaded.model, tokens, batch_size)
         backend = recorder.backend
+        torch_layers = sorted(recorder.torch_layers) if backend == "triton" else None
         kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
         per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
     return Result(
@@ -78,6 +81,7 @@ def evaluate_spec(
         jaccard_per_layer=per_layer,
         seconds=time.perf_counter() - start,
         backend=backend,
+        torch_layers=torch_layers,
     )
 
 

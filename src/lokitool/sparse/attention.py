@@ -1,9 +1,13 @@
 """Sparse attention inside a transformers model: Loki and the baselines, per layer.
 
 `patched(model, facts, method)` routes every attention layer of the model to the reference in
-`loki.py` for the duration of a `with` block (through transformers' AttentionInterface; see
-`dispatch.py`). Queries and keys arrive post-RoPE, as the model's own attention would see them.
-Inputs are assumed causal and unpadded (what `eval --ppl` feeds); the mask argument is unused.
+`reference.py` for the duration of a `with` block (through transformers' AttentionInterface; see
+`dispatch.py`). Queries and keys arrive post-RoPE, as the model's own attention would see them, with
+the model's mask: every method selects among the keys a row may see (a sliding layer keeps its
+window; budgets count the visible keys), and soft-capping (`softcap`) and sink logits (`s_aux`)
+shape the softmax as in the model's own attention. The Triton backend takes only per-row causal
+lengths and plain softmax: layers it cannot express (a window that bites, padding, soft-capping,
+sink logits) run on the torch reference, and the recorder lists them (`torch_layers`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 from ..calib.calibration import Calibration
-from ..calib.dispatch import route_attention
+from ..calib.dispatch import plain_causal, route_attention, visible_keys
 from ..calib.models import ModelFacts, attention_modules
 from ..calib.pca import rank_at_variance
 from ..errors import UserError
@@ -73,6 +77,7 @@ class Recorder:
 
     layers: list[loki.SelectionStats] = field(default_factory=list)
     backend: str = "torch"
+    torch_layers: set[int] = field(default_factory=set)  # layers the triton backend left to torch
 
     def kept_fraction(self) -> float | None:
         rows = sum(s.rows for s in self.layers)
@@ -106,22 +111,30 @@ def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelF
 
 
 def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats, backend: str):
-    """The attention function of one layer: (q, k, v, scaling) -> [B, H, Sq, D] float32."""
+    """The attention functions of one layer: (q, k, v, scaling, mask, softcap, sink_logits) ->
+    [B, H, Sq, D] float32, on torch, and on triton (None where the backend is torch)."""
     common = dict(spec=spec.loki, stats=stats)
     if spec.method == "h2o":
-        return lambda q, k, v, scaling: loki.h2o_attention(q, k, v, scaling=scaling, **common)
+        return (lambda q, k, v, scaling, **shape: loki.h2o_attention(q, k, v, scaling=scaling, **shape, **common)), None
     if spec.method == "exact-topk":
         selector = loki.exact_topk_selector()
     elif spec.method in LOW_RANK:
         selector = loki.loki_selector(basis, d, name=spec.method)
     else:
         selector = loki.full_selector()
-    sparse = loki.sparse_attention
-    if backend == "triton":
-        from ..kernels.loki_prefill import sparse_prefill as sparse
-    return lambda q, k, v, scaling: sparse(
-        q, k, v, selector=selector, scaling=scaling, compare_exact=spec.method in LOW_RANK, **common
-    )
+    compare = spec.method in LOW_RANK
+
+    def on_torch(q, k, v, scaling, **shape):
+        return loki.sparse_attention(q, k, v, selector=selector, scaling=scaling, compare_exact=compare, **shape, **common)
+
+    if backend != "triton":
+        return on_torch, None
+    from ..kernels.loki_prefill import sparse_prefill
+
+    def on_triton(q, k, v, scaling):
+        return sparse_prefill(q, k, v, selector=selector, scaling=scaling, compare_exact=compare, **common)
+
+    return on_torch, on_triton
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -163,12 +176,21 @@ def patched(
     def make_handler(module: nn.Module):
         i = layers.index(module)
         basis = layer_basis[i].to(next(module.parameters()).device) if layer_basis is not None else None
-        attend = _layer_attention(spec, basis, dims[i], recorder.layers[i], backend)
+        on_torch, on_triton = _layer_attention(spec, basis, dims[i], recorder.layers[i], backend)
 
         def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = attend(query, key, value, scale)  # [B, H, Sq, D] float32
-            return out.transpose(1, 2).to(query.dtype).contiguous(), None
+            sq, sk, window = query.shape[2], key.shape[2], kwargs.get("sliding_window")
+            softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+            causal = plain_causal(attention_mask, sq, sk, window, query.device)
+            if on_triton is not None and causal and softcap is None and sinks is None:
+                out = on_triton(query, key, value, scale)
+            else:
+                if on_triton is not None:
+                    recorder.torch_layers.add(i)
+                mask = None if causal else visible_keys(attention_mask, sq, sk, window, query.device)
+                out = on_torch(query, key, value, scale, mask=mask, softcap=softcap, sink_logits=sinks)
+            return out.transpose(1, 2).to(query.dtype).contiguous(), None  # [B, Sq, H, D]
 
         return handler
 

@@ -3,11 +3,15 @@
 The cache (`cache.LokiCache`) stores keys rotated into the PCA basis; the handler installed here
 (through `dispatch.route_attention`) receives those rotated keys from the model's attention, rotates
 the queries with the same basis, and
-- at decode time (one query per sequence) runs Loki: score the cached keys with the first d rotated
-  dims, keep the top k = max(1, floor(kf x length)), exact attention over those (`decode_backend`:
-  the Triton kernels on CUDA, the pure-PyTorch oracle `loki.decode_attention` elsewhere);
-- at prefill runs exact attention (SDPA over rotated q and k: the same scores, P being orthonormal),
-  or, with `loki_prefill`, the Loki reference `loki.sparse_attention` with per-row budgets.
+- at decode time (one query per sequence) runs Loki over the keys the model's mask lets it see:
+  score them with the first d rotated dims, keep the top k = max(1, floor(kf x visible)), exact
+  attention over those (`decode_backend`: the Triton kernels on CUDA, the pure-PyTorch oracle
+  `loki.decode_attention` elsewhere). A sliding layer sees its last `window` keys: the cache view is
+  sliced to them, which both backends express as a shorter sequence. What a decode backend cannot
+  express (soft-capping, sink logits, a mask that is not one suffix of the cache) runs on the
+  reference `loki.sparse_attention` with the mask;
+- at prefill runs the model's exact attention (`dispatch.exact_attention` over rotated q and k: the
+  same scores, P being orthonormal), or, with `loki_prefill`, the Loki reference with per-row budgets.
 Inputs are assumed unpadded: every sequence of a batch has the same length.
 
 The loop follows gpt-fast: `prefill`, `decode_one_token`, `decode_n_tokens`.
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from ..calib.calibration import Calibration
-from ..calib.dispatch import Handler, route_attention, sdpa_attention
+from ..calib.dispatch import Handler, exact_attention, plain_causal, route_attention, visible_keys
 from ..calib.models import ModelFacts, attention_modules
 from . import bases
 from . import reference as loki
@@ -51,13 +55,28 @@ def loki_bases(spec: LokiSpec, calibration: Calibration | None, facts: ModelFact
     return bases.basis_for(spec.basis, calibration, spec.dims(facts.head_dim), shape).float()
 
 
+def visible_suffix(attention_mask, num_keys: int, sliding_window: int | None) -> int | None:
+    """For one query row per sequence: the first visible key when every sequence sees the same suffix
+    [start, Sk) of the cache (causal: 0; a sliding window: Sk - window), else None (padding, or
+    anything else a decode kernel's per-sequence length cannot say). Without a mask (what transformers
+    passes for a full layer's decode step) this is arithmetic, with no device sync."""
+    if attention_mask is None:
+        return max(0, num_keys - sliding_window) if sliding_window is not None else 0
+    visible = visible_keys(attention_mask, 1, num_keys, sliding_window, attention_mask.device)
+    row = visible[:, 0, 0]  # [B or 1, Sk]
+    count = int(row[0].sum())
+    start = row.shape[-1] - count
+    if count == 0 or not bool(row[:, start:].all()) or bool(row[:, :start].any()):
+        return None
+    return start
+
+
 def loki_handlers(
     cache: LokiCache, spec: LokiSpec, head_dim: int, device: torch.device, loki_prefill: bool = False
 ) -> Callable[[nn.Module], Handler]:
     """`make_handler` for `route_attention`: Loki over the rotated keys that `cache.update` returns.
     Prefill is exact unless `loki_prefill` (then Loki with per-row budgets over the prompt)."""
     decode = decode_backend(device)
-    dense = sdpa_attention()
     selector = loki.rotated_selector(spec.dims(head_dim))
 
     def make_handler(module: nn.Module) -> Handler:
@@ -66,14 +85,21 @@ def loki_handlers(
         def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             q_rot = rotate_into(query, cache.basis(layer_idx))  # [B, H, Sq, D]
-            if query.shape[2] == 1:
-                lengths = torch.full((query.shape[0],), key.shape[2], dtype=torch.int32, device=query.device)
-                out = decode(q_rot[:, :, 0], key, value, lengths, spec=spec, scaling=scale)
+            sq, sk, window = query.shape[2], key.shape[2], kwargs.get("sliding_window")
+            softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+            if sq > 1 and not loki_prefill:
+                return exact_attention(mod, q_rot, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+            start = visible_suffix(attention_mask, sk, window) if sq == 1 and softcap is None and sinks is None else None
+            if start is not None:  # the decode backend over the keys this step sees
+                lengths = torch.full((query.shape[0],), sk - start, dtype=torch.int32, device=query.device)
+                out = decode(q_rot[:, :, 0], key[:, :, start:], value[:, :, start:], lengths, spec=spec, scaling=scale)
                 return out[:, None].to(query.dtype), None  # [B, 1, H, D]
-            if loki_prefill:
-                out = loki.sparse_attention(q_rot, key, value, selector=selector, spec=spec, scaling=scale)
-                return out.transpose(1, 2).to(query.dtype).contiguous(), None
-            return dense(mod, q_rot, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+            causal = plain_causal(attention_mask, sq, sk, window, query.device)
+            mask = None if causal else visible_keys(attention_mask, sq, sk, window, query.device)  # [B or 1, 1, Sq, Sk]
+            out = loki.sparse_attention(
+                q_rot, key, value, selector=selector, spec=spec, scaling=scale, mask=mask, softcap=softcap, sink_logits=sinks
+            )
+            return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
         return handler
 

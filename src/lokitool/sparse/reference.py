@@ -11,15 +11,21 @@ the causal keys of each query row; `select` keeps the top k_t of each row; `atte
 attention over the kept keys.
 
 Shapes: q [B, H, Sq, D] (post-RoPE), k and v [B, Hkv, Sk, D]; query row i sits at absolute
-position `Sk - Sq + i` (keys before it come from a cache) and sees keys 0..that position.
+position `Sk - Sq + i` (keys before it come from a cache) and sees keys 0..that position, or
+what a `mask` (bool [B or 1, 1 or H, Sq, Sk], True = visible) says it sees: the model's own mask,
+with its sliding window or padding. Loki selects among the visible keys only.
 
 Loki (for a KV head with orthonormal basis P, directions as columns, and a dimension budget d):
     approximate score(q, k) = (q P)[:d] . (k P)[:d]        (no centering; q.k = qP.kP exactly)
     d = round(df x D), halves rounded up, at least 1
-Budgets per row that sees n keys (n = t + 1 under a causal mask):
+Budgets per row that sees n keys (n = t + 1 under a causal mask, at most the window on a sliding layer):
     per-row: k = max(1, floor(kf * n))             what a decoder at context n keeps
-    window:  k = min(n, max(1, floor(kf * L)))     the paper's perplexity code (L = window length)
-Sinks: the first `sink` keys are always kept, inside the same budget k.
+    window:  k = min(n, max(1, floor(kf * L)))     the paper's perplexity code (L = the most keys any
+                                                   row sees: the window length, or a sliding window)
+Sinks: the first `sink` visible keys are always kept, inside the same budget k.
+Exact attention over the kept keys follows the model's attention: `scaling`, then tanh soft-capping
+(`softcap`, Gemma 2), then softmax, with learned per-head sink logits in the normaliser (`sink_logits`,
+gpt-oss's `s_aux`). Soft-capping is monotonic, so it never changes which keys are selected.
 """
 
 from __future__ import annotations
@@ -171,31 +177,71 @@ def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return summed.expand(b, num_kv_heads, h // num_kv_heads, r, s).reshape(b, h, r, s)
 
 
-def select(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor, sink: int = 0) -> torch.Tensor:
-    """Keep, per row, the `budgets[row]` causal keys with the largest scores, the first `sink` keys
-    (earliest first) always among them. scores [B, H, b, Sk], positions/budgets [b] -> keep [B, H, b, Sk]."""
-    num_keys = scores.shape[-1]
-    visible = causal_mask(positions, num_keys)  # [b, Sk]
-    keys = torch.arange(num_keys, device=scores.device)
-    sinks = visible & (keys[None, :] < torch.clamp(budgets, max=sink)[:, None])  # [b, Sk]
+def select_visible(scores: torch.Tensor, visible: torch.Tensor, budgets: torch.Tensor, sink: int = 0) -> torch.Tensor:
+    """Keep, per row, the `budgets` visible keys with the largest scores, the first `sink` visible keys
+    always among them. scores [B, H, b, Sk]; visible bool broadcastable to it ([b, Sk] or
+    [B or 1, 1 or H, b, Sk]); budgets broadcastable to [B, H, b] -> keep [B, H, b, Sk]."""
+    rank = visible.cumsum(-1)  # 1-based rank of each key among its row's visible keys
+    sinks = visible & (rank <= torch.clamp(budgets, max=sink)[..., None])
     rest = budgets - sinks.sum(-1)  # budget left for scored keys
     scores = scores.masked_fill(~visible | sinks, NEG_INF)
     kmax = int(rest.max())
     top = scores.topk(kmax, dim=-1).indices  # [B, H, b, kmax], best first
-    rank_ok = torch.arange(kmax, device=scores.device)[None, :] < rest[:, None]  # [b, kmax]
+    rank_ok = torch.arange(kmax, device=scores.device) < rest[..., None]  # [.., b, kmax]
     keep = torch.zeros_like(scores, dtype=torch.bool)
     keep.scatter_(-1, top, rank_ok.expand_as(top))
     return (keep & visible) | sinks
 
 
+def select(scores: torch.Tensor, positions: torch.Tensor, budgets: torch.Tensor, sink: int = 0) -> torch.Tensor:
+    """`select_visible` under a plain causal mask: positions/budgets [b] -> keep [B, H, b, Sk]."""
+    return select_visible(scores, causal_mask(positions, scores.shape[-1]), budgets, sink)
+
+
+def visible_budgets(spec: "LokiSpec", visible: torch.Tensor, widest: int) -> torch.Tensor:
+    """k per row from the number of keys it sees (the window and the mask, not t + 1): [.., b] int64.
+    `widest`: the most keys any row of the layer sees (window budgets take kf of it: the sequence
+    length under a causal mask, the window on a sliding layer)."""
+    return spec.budgets(visible.sum(-1), window=widest)
+
+
+def widest_row(mask: torch.Tensor | None, num_keys: int) -> int:
+    """The most keys any query row sees: all `num_keys` under a causal mask, else from the mask."""
+    return num_keys if mask is None else max(1, int(mask.sum(-1).max()))
+
+
+def attention_logits(scores: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
+    """q.k -> the logits the model's softmax sees: scaled, then soft-capped as tanh(x / c) x c."""
+    scores = scores * scaling
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def softmax_with_sinks(logits: torch.Tensor, sink_logits: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim; sink_logits [H] (one learned logit per head, gpt-oss) join the
+    normaliser and take their share of the mass to nowhere. logits [B, H, b, S]."""
+    if sink_logits is None:
+        return torch.softmax(logits, dim=-1)
+    b, h, r, _ = logits.shape
+    sinks = sink_logits.float().reshape(1, h, 1, 1).expand(b, h, r, 1)
+    return torch.softmax(torch.cat([logits, sinks], dim=-1), dim=-1)[..., :-1]
+
+
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scaling: float, exact: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+    exact: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over kept keys: softmax in float32. Returns [B, H, b, D] float32.
     `exact` may pass q.k already computed for this block."""
-    scores = (exact_scores(q, k) if exact is None else exact) * scaling
+    scores = attention_logits(exact_scores(q, k) if exact is None else exact, scaling, softcap)
     scores = scores.masked_fill(~keep, NEG_INF)
-    probs = torch.softmax(scores, dim=-1)
+    probs = softmax_with_sinks(scores, sink_logits)
     return probs @ expand_kv(v, q.shape[1]).float()
 
 
@@ -245,11 +291,15 @@ class SelectionStats:
     jaccard: float = 0.0
     jaccard_rows: int = 0
 
-    def add(self, keep: torch.Tensor, positions: torch.Tensor, exact_keep: torch.Tensor | None) -> None:
+    def add(
+        self, keep: torch.Tensor, positions: torch.Tensor, exact_keep: torch.Tensor | None, visible: torch.Tensor | None = None
+    ) -> None:
+        """keep [B, H, b, Sk]; the fraction is of the keys each row sees: `visible` (bool, broadcastable
+        to keep) where given, else the t + 1 causal keys of the rows at `positions` [b]."""
         n_rows = keep.numel() // keep.shape[-1]
-        causal = (positions + 1).to(torch.float64)  # [b]
+        seen = (positions + 1) if visible is None else visible.sum(-1)
         kept = keep.sum(-1).to(torch.float64)  # [B, H, b]
-        self.kept_fraction += float((kept / causal).sum())
+        self.kept_fraction += float((kept / seen.to(torch.float64).clamp_min(1)).expand_as(kept).sum())
         self.rows += n_rows
         if exact_keep is not None:
             inter = (keep & exact_keep).sum(-1).to(torch.float64)
@@ -266,6 +316,15 @@ class SelectionStats:
         return self.jaccard / self.jaccard_rows if self.jaccard_rows else None
 
 
+def block_visible(mask: torch.Tensor | None, positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The visible keys of a block of query rows: the mask's rows for it ([B or 1, 1 or H, b, Sk]), or
+    the causal mask of the rows at `positions` ([1, 1, b, Sk]) when there is no mask."""
+    if mask is None:
+        return causal_mask(positions, num_keys)[None, None]
+    offset = num_keys - mask.shape[-2]
+    return mask[:, :, positions[0] - offset : positions[-1] + 1 - offset]
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -274,13 +333,17 @@ def sparse_attention(
     selector: Selector,
     spec: LokiSpec,
     scaling: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
     block_rows: int = 512,
     stats: SelectionStats | None = None,
     compare_exact: bool = False,
 ) -> torch.Tensor:
-    """Attention of q [B, H, Sq, D] over causal keys k, v [B, Hkv, Sk, D] where each query row keeps
-    only the top-k_t keys by `selector`'s scores (budgets, sinks and groups from `spec`).
-    Returns [B, H, Sq, D] float32.
+    """Attention of q [B, H, Sq, D] over the visible keys k, v [B, Hkv, Sk, D] (causal, or `mask`:
+    bool [B or 1, 1 or H, Sq, Sk]) where each query row keeps only the top-k keys by `selector`'s
+    scores, k from the number of keys it sees (budgets, sinks and groups from `spec`). Returns
+    [B, H, Sq, D] float32. `softcap` and `sink_logits` [H] shape the softmax as the model's does.
 
     With `stats`, records the kept fraction and (with `compare_exact`) the Jaccard overlap of each
     row's kept set with the exact top-k set of the same size.
@@ -291,26 +354,28 @@ def sparse_attention(
     out = torch.empty(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)
     offset = sk - sq
     prepared = selector.prepare(k) if selector.score is not None else None
+    widest = widest_row(mask, sk)
     for start in range(0, sq, block_rows):
         stop = min(sq, start + block_rows)
         qb = q[:, :, start:stop]
         positions = torch.arange(start + offset, stop + offset, device=q.device)
+        visible = block_visible(mask, positions, sk)  # [B or 1, 1 or H, b, Sk]
+        budgets = visible_budgets(spec, visible, widest)
         if selector.score is None:
-            keep = causal_mask(positions, sk).expand(b, h, -1, -1)
+            keep = visible.expand(b, h, -1, -1)
         else:
-            budgets = budget_per_row(positions, spec.kf, spec.budget, sk)
             scores = selector.score(qb, prepared)
             if spec.group == "kv":
                 scores = group_scores(scores, hkv)
-            keep = select(scores, positions, budgets, spec.sink)
+            keep = select_visible(scores, visible, budgets, spec.sink)
         exact = exact_scores(qb, k)
         exact_keep = None
         if stats is not None and compare_exact and selector.score is not None:
             ranking = group_scores(exact, hkv) if spec.group == "kv" else exact
-            exact_keep = select(ranking, positions, budget_per_row(positions, spec.kf, spec.budget, sk), spec.sink)
+            exact_keep = select_visible(ranking, visible, budgets, spec.sink)
         if stats is not None:
-            stats.add(keep, positions, exact_keep)
-        out[:, :, start:stop] = attend(qb, k, v, keep, scaling, exact)
+            stats.add(keep, positions, exact_keep, visible)
+        out[:, :, start:stop] = attend(qb, k, v, keep, scaling, exact, softcap=softcap, sink_logits=sink_logits)
     return out
 
 
@@ -321,34 +386,39 @@ def h2o_attention(
     *,
     spec: LokiSpec,
     scaling: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
     block_rows: int = 256,
     stats: SelectionStats | None = None,
 ) -> torch.Tensor:
-    """H2O-style selection with the same budget: half of k_t the most recent keys, the other half
-    the heavy hitters by attention mass accumulated over all earlier rows (computed with full
-    attention, i.e. the idealised H2O of the Loki paper's perplexity comparison)."""
+    """H2O-style selection with the same budget: half of k the most recent visible keys, the other
+    half the heavy hitters by attention mass accumulated over all earlier rows (computed with full
+    attention over the visible keys, i.e. the idealised H2O of the Loki paper's perplexity comparison)."""
     b, h, sq, _ = q.shape
     sk = k.shape[2]
     offset = sk - sq
     out = torch.empty(b, h, sq, v.shape[-1], dtype=torch.float32, device=q.device)
     mass = torch.zeros(b, h, sk, dtype=torch.float32, device=q.device)  # attention received so far
+    widest = widest_row(mask, sk)
     for start in range(0, sq, block_rows):
         stop = min(sq, start + block_rows)
         qb = q[:, :, start:stop]
         positions = torch.arange(start + offset, stop + offset, device=q.device)
-        visible = causal_mask(positions, sk)
-        full = torch.softmax((exact_scores(qb, k) * scaling).masked_fill(~visible, NEG_INF), dim=-1)
+        visible = block_visible(mask, positions, sk)
+        logits = attention_logits(exact_scores(qb, k), scaling, softcap).masked_fill(~visible, NEG_INF)
+        full = softmax_with_sinks(logits, sink_logits)
         cumulative = mass[:, :, None, :] + full.cumsum(dim=2)  # mass seen up to and including each row
         mass = cumulative[:, :, -1]
-        budgets = budget_per_row(positions, spec.kf, spec.budget, sk)
+        budgets = visible_budgets(spec, visible, widest)
         recent = budgets // 2
-        keys = torch.arange(sk, device=q.device)
-        is_recent = (keys[None, :] > positions[:, None] - recent[:, None]) & visible  # [b, Sk]
+        from_end = visible.flip(-1).cumsum(-1).flip(-1)  # 1 for the newest visible key, 2 for the next...
+        is_recent = visible & (from_end <= recent[..., None])
         heavy = cumulative.masked_fill(is_recent, math.inf)  # recent keys first, then heaviest
-        keep = select(heavy, positions, budgets, spec.sink)
+        keep = select_visible(heavy, visible, budgets, spec.sink)
         if stats is not None:
-            stats.add(keep, positions, None)
-        out[:, :, start:stop] = attend(qb, k, v, keep, scaling)
+            stats.add(keep, positions, None, visible)
+        out[:, :, start:stop] = attend(qb, k, v, keep, scaling, softcap=softcap, sink_logits=sink_logits)
     return out
 
 
