@@ -13,9 +13,10 @@ import torch
 from ..calib.calibration import Calibration
 from ..calib.models import LoadedModel
 from ..errors import UserError
-from ..fileio import atomic_path, ensure_writable_dir, write_json_atomic
+from ..fileio import atomic_path, disk_error, ensure_writable_dir, unique_path, write_json_atomic
 from ..results import git_hash, versions
 from ..sparse.attention import LOW_RANK, METHODS, MethodSpec, patched, resolve_backend
+from ..sparse.bases import check_basis
 from ..sparse.reference import LokiSpec
 
 
@@ -40,6 +41,7 @@ class EvalConfig:
     dtype: str = "auto"
     bos: bool = True
     backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
+    encoding: str = "utf-8"  # of local text files
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -53,7 +55,28 @@ class EvalConfig:
             raise UserError("low-rank methods need --df or --variance")
         if "loki" in self.methods and self.calibration is None:
             raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+        if self.variance and self.calibration is None and any(m in LOW_RANK for m in self.methods):
+            raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        if self.num_tokens < self.seq_len:
+            raise UserError(f"--num-tokens {self.num_tokens} is smaller than --seq-len {self.seq_len}; raise --num-tokens")
+        for sink in self.sink:
+            if sink >= self.seq_len:
+                raise UserError(f"--sink {sink} keeps every token of a {self.seq_len}-token window; use a --sink below --seq-len")
+        from ..calib.data import check_encoding
+
+        check_encoding(self.encoding)
         self.specs()  # every point's LokiSpec validates its own settings
+
+    def check_calibration(self, calibration: Calibration | None) -> None:
+        """Every point's needs of the calibration file (query statistics for qa bases), checked
+        before the model loads."""
+        for spec in self.specs():
+            if spec.method == "loki":
+                check_basis(spec.loki.basis, calibration)
 
     def specs(self) -> list[MethodSpec]:
         """Every point of the sweep, `full` first (once)."""
@@ -95,6 +118,7 @@ class Result:
     jaccard_per_layer: list[float | None] | None
     seconds: float
     backend: str | None = None  # what ran the sparse attention (None for full: the model's own, or older files)
+    d: int | None = None  # dims scored, resolved from df (d = round(df x D), at least 1); None with --variance or no low rank
 
 
 @torch.inference_mode()
@@ -118,6 +142,7 @@ def evaluate_spec(
     import time
 
     start = time.perf_counter()
+    d = spec.loki.dims(loaded.facts.head_dim) if spec.method in LOW_RANK and spec.loki.df is not None else None
     if spec.method == "full":
         nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
         kept, jaccard, per_layer = 1.0, None, None
@@ -138,6 +163,7 @@ def evaluate_spec(
         jaccard_per_layer=per_layer,
         seconds=time.perf_counter() - start,
         backend=backend,
+        d=d,
     )
 
 
@@ -173,12 +199,16 @@ def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibrat
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "results": [asdict(r) for r in results],
     }
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dated = out_dir / f"results_{stamp}.json"
-    write_json_atomic(dated, document)
-    write_json_atomic(out_dir / "results.json", document)
-    if len({r.kf for r in results if r.kf is not None}) > 1:
-        plot_sweep(results, out_dir / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
+    dated = unique_path(out_dir, "results", ".json")  # created exclusively: concurrent runs never share a name
+    try:
+        write_json_atomic(dated, document)
+        write_json_atomic(out_dir / "results.json", document)
+        if len({r.kf for r in results if r.kf is not None}) > 1:
+            plot_sweep(results, out_dir / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
+    except (OSError, UserError) as err:
+        if dated.exists() and dated.stat().st_size == 0:
+            dated.unlink()  # the name was reserved, nothing written
+        raise disk_error(out_dir, err) if isinstance(err, OSError) else err
     return dated
 
 
@@ -187,7 +217,7 @@ def _label(r: Result) -> str:
     if r.basis and r.method == "loki":
         parts.append(f"{r.basis}")
     if r.df is not None and r.method in LOW_RANK:
-        parts.append(f"df={r.df:g}")
+        parts.append(f"df={r.df:g}" + (f" (d={r.d})" if r.d is not None else ""))
     if r.variance is not None:
         parts.append(f"v={r.variance:g}")
     if r.budget and r.budget != "per-row":
