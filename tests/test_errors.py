@@ -153,15 +153,20 @@ def _model_record(change: Callable[[dict], None]) -> Callable[[dict], None]:
     return edit
 
 
-def _full_disk(monkeypatch) -> None:
-    """Every write of a file's text, and safetensors' writes, fail as on a full disk."""
+def _full_disk(monkeypatch, safetensors_error: bool = False) -> None:
+    """Every write of a file's text, and safetensors' writes, fail as on a full disk (safetensors
+    reports it as its own SafetensorError)."""
     import safetensors.torch
+    from safetensors import SafetensorError
 
     def enospc(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    def rust_enospc(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
     monkeypatch.setattr(Path, "write_text", enospc)
-    monkeypatch.setattr(safetensors.torch, "save_file", enospc)
+    monkeypatch.setattr(safetensors.torch, "save_file", rust_enospc if safetensors_error else enospc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +262,10 @@ CASES = [
     Case("calibrate full disk", lambda i: ["calibrate", "--model", i.model, "--device", "cpu", "--seq-len", "16", "--num-tokens", "32",
                                            "--dataset", i.file("t.txt", TEXT), "--output", i.file("old.safetensors", "old")],
          "the disk is full", lambda i: [str(i.tmp / "old.safetensors")], patch=_full_disk),
+    Case("calibrate full disk, safetensors' error", lambda i: ["calibrate", "--model", i.model, "--device", "cpu", "--seq-len", "16",
+                                                              "--num-tokens", "32", "--dataset", i.file("t.txt", TEXT),
+                                                              "--output", i.file("old.safetensors", "old")],
+         "free some space", lambda i: [str(i.tmp / "old.safetensors")], patch=lambda mp: _full_disk(mp, safetensors_error=True)),
     # passkey, generate
     Case("passkey lengths empty", lambda i: ["passkey", *NO_MODEL, "--lengths", ""], "--lengths is empty"),
     Case("passkey depths empty", lambda i: ["passkey", *NO_MODEL, "--depths", ""], "--depths is empty"),
@@ -388,20 +397,21 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_are_removed_by_the_next_write(tmp_path):
-    from lokitool.fileio import write_json_atomic
+    from lokitool.fileio import _host, write_json_atomic
 
-    dead = _dead_pid()
-    stale_file = tmp_path / f".cal.safetensors.{dead}.k2j3h4.tmp"
-    stale_dir = tmp_path / f".SmolLM2-abc.{dead}.x8y9z0.tmp"
-    live = tmp_path / f".cal.safetensors.{os.getpid()}.a1b2c3.tmp"  # a write in progress (this process)
+    host, dead = _host(), _dead_pid()
+    stale_file = tmp_path / f".cal.safetensors.{host}-{dead}.k2j3h4.tmp"
+    stale_dir = tmp_path / f".SmolLM2-abc.{host}-{dead}.x8y9z0.tmp"  # a killed conversion or calibration write
+    live = tmp_path / f".cal.safetensors.{host}-{os.getpid()}.a1b2c3.tmp"  # a write in progress (this process)
+    elsewhere = tmp_path / f".cal.safetensors.otherhost-{dead}.d4e5f6.tmp"  # another machine's, on a shared disk
     stale_file.write_bytes(b"half")
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(b"half")
     live.write_bytes(b"busy")
+    elsewhere.write_bytes(b"busy")
     write_json_atomic(tmp_path / "results.json", {"ok": True})
     assert not stale_file.exists() and not stale_dir.exists()
-    assert live.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "results.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name, "results.json"])
 
 
 def test_sigterm_cleans_up_and_exits_143(tmp_path, monkeypatch, capsys):

@@ -1,8 +1,9 @@
 """Atomic writes: an interrupted run never leaves a half file where a good one stood.
 
-Temporary files are named `.NAME.<pid>.<random>.tmp` beside their target. A run killed between
-the write and the rename (SIGKILL, power loss) leaves one behind; the next write into the same
-folder removes every such leftover whose process is gone, so they never pile up.
+Temporaries live in folders named `.NAME.<host>-<pid>.<random>.tmp` beside their target. A run
+killed between the write and the rename (SIGKILL, power loss) leaves one behind; the next write
+into the same folder from the same host removes every such leftover whose process is gone, so
+they never pile up (the host keeps a run on another machine of a shared file system safe).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,7 +43,13 @@ def check_output_file(path: Path) -> Path:
     return path
 
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_TEMP = re.compile(r"^\..+\.(?P<host>\w+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"\W", "_", socket.gethostname()) or "host"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,20 +63,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: Path) -> None:
-    """Delete temporary files and folders (ours: `.NAME.<pid>.<random>.tmp`) left in `folder` by
-    processes that no longer run."""
+    """Delete temporary files and folders (ours: `.NAME.<host>-<pid>.<random>.tmp`) left in `folder`
+    by processes of this host that no longer run."""
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or match["host"] != _host() or _pid_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
-                import shutil
-
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
@@ -76,7 +82,7 @@ def remove_stale_temps(folder: Path) -> None:
 
 def temp_prefix(path: Path) -> str:
     """Prefix of our temporary names for `path` (see the module docstring)."""
-    return f".{Path(path).name}.{os.getpid()}."
+    return f".{Path(path).name}.{_host()}-{os.getpid()}."
 
 
 def normal_mode() -> int:
@@ -94,20 +100,22 @@ def disk_error(path: Path, err: OSError) -> UserError:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, on failure delete it.
-    The file ends with the umask's normal mode, whatever wrote it (safetensors writes 0600 files)."""
+    """Yield a temporary path for `path`; on success rename it over `path`, on failure delete it.
+
+    The temporary path lies in a private folder `.NAME.<host>-<pid>.<random>.tmp` beside `path`, so that
+    writers with temporaries of their own (safetensors writes `.tmpXXXXXX`, then renames) leave
+    nothing loose in the target's folder if killed. The file ends with the umask's normal mode,
+    whatever wrote it (safetensors makes its files 0600)."""
     path = Path(path)
     remove_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp_path = folder / path.name
     try:
         yield tmp_path
-        os.chmod(tmp_path, normal_mode())  # after the write: writers that replace the file reset the mode
+        os.chmod(tmp_path, normal_mode())
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def unique_path(folder: Path, stem: str, suffix: str) -> Path:
