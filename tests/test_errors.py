@@ -220,6 +220,9 @@ CASES = [
                                                              "--output-dir", str(i.tmp / "r")], "unknown colour"),
     Case("calibration model record wrong type", lambda i: ["rank-report", i.cal(meta=_model_record(lambda r: r.update(num_layers="2"))),
                                                            "--output-dir", str(i.tmp / "r")], "num_layers is '2'"),
+    Case("calibration header field wrong type", lambda i: ["rank-report", i.cal(meta=lambda m: m.update(
+        lokitool=json.dumps({**json.loads(m["lokitool"]), "versions": "1.0"}))), "--output-dir", str(i.tmp / "r")],
+         "the header's versions is '1.0'"),
     Case("calibration components wrong shape",
          lambda i: [*EVAL, *NO_MODEL, "--methods", "loki", "--output-path", i.out,
                     "--calibration", i.cal(tensors=lambda t: t.update({"layers.1.post.components": torch.zeros(2, 8, 7)}))],

@@ -93,9 +93,10 @@ def normal_mode() -> int:
 
 
 def disk_error(path: Path, err: OSError) -> UserError:
-    """One line for a write that failed for want of space, quota or permission."""
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, err.strerror or str(err))
-    return UserError(f"cannot write {path}: {why}; free some space or choose another output location (the old file, if any, is intact)")
+    """One line for a write that failed (a full disk, a quota, a permission)."""
+    full = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno)
+    fix = "free some space or choose another output location" if full else "choose another output location"
+    return UserError(f"cannot write {path}: {full or err.strerror or err}; {fix} (the old file, if any, is intact)")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ facts, the dataset, token counts, window length, BOS choice, dtype, device, date
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +165,19 @@ def _read_header(meta: dict[str, str]) -> tuple[ModelFacts, dict[str, Any]]:
     if not isinstance(header, dict) or not isinstance(header.get("model"), dict):
         raise _Invalid("the header's `lokitool` record has no `model` object")
     info = dict(header)
-    return _read_facts(info.pop("model")), info
+    facts = _read_facts(info.pop("model"))
+    for key, value in info.items():
+        types = _INFO_TYPES.get(key)
+        if types is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise _Invalid(f"the header's {key} is {value!r}")
+    return facts, info
 
 
+# Types of the fields this version reads (a field added to ModelFacts later is checked for presence only).
+_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "dataset": (str,), "num_tokens": (int,), "num_windows": (int,), "seq_len": (int,), "bos": (bool,), "dtype": (str,),
+    "device": (str,), "processes": (int,), "date": (str,), "versions": (dict,),
+}
 _FACT_TYPES: dict[str, tuple[type, ...]] = {
     "model_id": (str,), "revision": (str, type(None)), "architecture": (str,), "num_layers": (int,), "num_heads": (int,),
     "num_kv_heads": (int,), "head_dim": (int,), "rope": (bool,), "max_positions": (int, type(None)),
@@ -175,13 +186,14 @@ _FACT_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _read_facts(record: dict[str, Any]) -> ModelFacts:
-    missing = [k for k in _FACT_TYPES if k not in record]
-    extra = [k for k in record if k not in _FACT_TYPES]
+    names = [f.name for f in dataclasses.fields(ModelFacts)]
+    missing = [k for k in names if k not in record]
+    extra = [k for k in record if k not in names]
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
         raise _Invalid(f"the model record has {'; '.join(parts)}")
     for key, types in _FACT_TYPES.items():
-        value = record[key]
+        value = record.get(key)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise _Invalid(f"the model record's {key} is {value!r}")
     for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):

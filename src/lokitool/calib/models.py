@@ -59,9 +59,6 @@ class ModelFacts:
         keys = ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
-    def same_model(self, other: "ModelFacts") -> bool:
-        return same_identity((self.model_id, self.revision), (other.model_id, other.revision))
-
 
 CONTENT_HASHES = ("sha256:", "gguf-sha256:")
 
