@@ -185,6 +185,7 @@ class Case:
 
 NOT_UTF8 = "caf\xe9 au lait\n".encode("latin-1")
 BINARY = bytes(range(256)) * 4
+LLAMA_CONFIG = json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2})
 NO_MODEL = ["--model", "default", "--device", "cpu"]  # refused before any model loads
 EVAL = ["eval", "--ppl", "--device", "cpu"]
 
@@ -207,6 +208,12 @@ CASES = [
     Case("model random file named .gguf", lambda i: ["calibrate", "--model", i.file("m.gguf", BINARY), "--device", "cpu"], "is not a GGUF file"),
     Case("model empty folder", lambda i: ["calibrate", "--model", i.folder("empty", {}), "--device", "cpu"],
          "holds no config.json"),
+    Case("model folder with a broken config", lambda i: ["calibrate", "--model", i.folder("m", {"config.json": "{}"}), "--device", "cpu"],
+         "cannot read"),
+    Case("model folder without weights", lambda i: ["calibrate", "--model", i.folder("m", {"config.json": LLAMA_CONFIG, "tokenizer.json": "{}"}),
+                                                    "--device", "cpu"], "holds no weights"),
+    Case("model folder without tokenizer", lambda i: ["calibrate", "--model", i.folder("m", {"config.json": LLAMA_CONFIG, "model.safetensors": "x"}),
+                                                      "--device", "cpu"], "holds no tokenizer"),
     # calibration files
     Case("calibration format_version abc", lambda i: ["rank-report", i.cal(meta=lambda m: m.update(format_version="abc")),
                                                       "--output-dir", str(i.tmp / "r")], "format_version is 'abc'"),
@@ -339,7 +346,9 @@ def test_identity_rules(tmp_path, tiny_cal):
     gguf_rev = "gguf-sha256:97bd540928490fa0"
     folder = tmp_path / "SmolLM2-135M-Instruct.Q4_1-97bd540928490fa0"  # a converted cache folder
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text(LLAMA_CONFIG)
+    for name in ("tokenizer.json", "model.safetensors"):
+        (folder / name).write_text("{}")
     (folder / SOURCE_RECORD).write_text(json.dumps({"revision": gguf_rev}))
     assert identify(str(folder)) == (str(folder.resolve()), gguf_rev)
     assert same_identity((EMBEDDED_ID, gguf_rev), identify(str(folder)))  # default vs its cache folder

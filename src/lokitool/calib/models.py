@@ -239,11 +239,30 @@ def _gguf_file(spec: str) -> Path:
     return gguf
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
 def _check_model_folder(folder: Path) -> None:
+    """A model folder needs config.json, weights and a tokenizer: say which is missing before loading."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    fix = "give a folder saved by save_pretrained (config.json, weights and tokenizer), a .gguf file or a hub id"
     if not (folder / "config.json").is_file():
+        raise UserError(f"folder {folder} holds no config.json, so it is not a model folder; {fix}")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"cannot read {folder / 'config.json'} ({_one_line(err, 160)}); {fix}") from err
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{folder} is not a causal language model (AutoModelForCausalLM cannot load a {config.model_type}); {fix}")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise UserError(f"model folder {folder} holds no weights (*.safetensors or *.bin); {fix}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(
-            f"folder {folder} holds no config.json, so it is not a model folder; give a folder saved by "
-            "save_pretrained (config.json, weights and tokenizer), a .gguf file or a hub id"
+            f"model folder {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there with tokenizer.save_pretrained"
         )
 
 
