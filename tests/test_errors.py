@@ -310,6 +310,8 @@ def test_user_error_is_one_line(case: Case, tmp_path, tiny_cal, request, monkeyp
     assert sum(line.startswith("error:") for line in lines) == 1
     for path, data in keep.items():
         assert Path(path).read_bytes() == data, f"{path} was overwritten"
+    if (tmp_path / "out").exists():  # nothing new in an output folder either (no empty dated file, no temporaries)
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]
 
 
 def test_debug_variable_shows_the_traceback(monkeypatch, capsys):

@@ -205,10 +205,12 @@ def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibrat
         write_json_atomic(out_dir / "results.json", document)
         if len({r.kf for r in results if r.kf is not None}) > 1:
             plot_sweep(results, out_dir / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
-    except (OSError, UserError) as err:
+    except BaseException as err:  # a full disk, Ctrl-C, SIGTERM: give back the reserved name
         if dated.exists() and dated.stat().st_size == 0:
-            dated.unlink()  # the name was reserved, nothing written
-        raise disk_error(out_dir, err) if isinstance(err, OSError) else err
+            dated.unlink()
+        if isinstance(err, OSError):
+            raise disk_error(out_dir, err) from err
+        raise
     return dated
 
 
