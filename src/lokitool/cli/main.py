@@ -37,11 +37,32 @@ def main(argv: Optional[list[str]] = None) -> None:
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        console.print("terminated" if isinstance(err, Terminated) else "interrupted", "; no output was written", sep="")
-        sys.exit(143 if isinstance(err, Terminated) else 130)
+        _stop(err)
+    except SystemExit as err:  # Typer turns an interrupt into exit status 130 before it reaches here
+        interrupt = _interrupt_behind(err)
+        if interrupt is None:
+            raise
+        _stop(interrupt)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an exception was raised while handling, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _stop(interrupt: KeyboardInterrupt) -> None:
+    terminated = isinstance(interrupt, Terminated)
+    console.print(f"{'terminated' if terminated else 'interrupted'}; temporary files removed, existing outputs left as they were")
+    sys.exit(143 if terminated else 130)
 
 
 def _main_thread() -> bool:
