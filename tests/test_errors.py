@@ -9,6 +9,7 @@ monkeypatch (a full disk) or environment variables. A new case is one more row.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -70,10 +71,11 @@ def tiny_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder_calibration(tiny_folder, tmp_path_factory) -> Path:
     """A calibration of `tiny_folder`, made through the library (fast)."""
+    from conftest import random_tokens
+
     from lokitool.calib.collect import collect_statistics
     from lokitool.calib.models import load_model
     from lokitool.calib.run import build_calibration
-    from conftest import random_tokens
 
     loaded = load_model(str(tiny_folder), device="cpu", dtype="float32")
     tokens = random_tokens(2, 32, vocab=200)
@@ -488,7 +490,7 @@ def test_eval_table_never_truncates_numbers():
         SimpleNamespace(method="random-basis", kf=0.125, df=0.25, variance=None, basis="random", budget="per-row", sink=4,
                         perplexity=12345.678, kept_fraction=0.1234, jaccard=0.5),
     ]
-    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console = Console(width=80, record=True, file=io.StringIO())
     console.print(results_table(rows, 24.0123456, "perplexity on sotu:heldout (8,192 predicted tokens)", 80))
     text = console.export_text()
     assert all(len(line) <= 80 for line in text.splitlines())
