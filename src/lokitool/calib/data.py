@@ -100,19 +100,29 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def _jsonl_documents(path: Path, encoding: str = "utf-8") -> Iterator[str]:
-    for lineno, line in enumerate(read_text(path, encoding).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{lineno}: not valid JSON; expected one object a line with a `text` field") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise UserError(f"{path}:{lineno}: expected a JSON object with a `text` field")
-        if not isinstance(record["text"], str):
-            raise UserError(f"{path}:{lineno}: the `text` field is {type(record['text']).__name__} "
-                            f"({json.dumps(record['text'])[:40]}), not a string")
-        yield record["text"]
+    try:
+        f = open(path, "rb")  # line by line: a jsonl file may be larger than memory
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_text(raw, f"{path}:{lineno}", encoding)
+            if line.strip():
+                yield _jsonl_text(line, f"{path}:{lineno}")
+
+
+def _jsonl_text(line: str, where: str) -> str:
+    """The `text` field of one jsonl line, type-checked."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{where}: not valid JSON; expected one object a line with a `text` field") from None
+    if not isinstance(record, dict) or "text" not in record:
+        raise UserError(f"{where}: expected a JSON object with a `text` field")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: the `text` field is {type(text).__name__} ({json.dumps(text)[:40]}), not a string")
+    return text
 
 
 def _hub_documents(spec: str) -> Iterator[str]:
