@@ -283,7 +283,7 @@ CASES = [
     Case("passkey depths empty", lambda i: ["passkey", *NO_MODEL, "--depths", ""], "--depths is empty"),
     Case("passkey depth above 1", lambda i: ["passkey", *NO_MODEL, "--depths", "1.5"], "--depths must lie in [0, 1]"),
     Case("passkey longer than context", lambda i: ["passkey", "--model", i.model, "--device", "cpu", "--calibration", i.model_cal,
-                                                   "--lengths", "512"], "context of 64 positions"),
+                                                   "--lengths", "512"], "use --lengths up to 52"),
     Case("generate prompt longer than context", lambda i: ["generate", "--full", "--model", i.model, "--device", "cpu",
                                                            "--prompt", TEXT], "context of 64 positions"),
     # bench

@@ -34,11 +34,12 @@ def load_model_and_calibration(
     return loaded, cal
 
 
-def check_context(facts, prompt_tokens: int, new_tokens: int, what: str = "the prompt") -> None:
+def check_context(facts, prompt_tokens: int, new_tokens: int, what: str = "the prompt",
+                  fix: str = "shorten it or lower --max-new-tokens") -> None:
     """Refuse a prompt that, with the tokens to generate, does not fit the model's context."""
     limit = facts.max_positions
     if limit is not None and prompt_tokens + new_tokens > limit:
         raise UserError(
             f"{what} has {prompt_tokens} tokens; with {new_tokens} new tokens that exceeds "
-            f"{facts.model_id}'s context of {limit} positions; shorten it or lower --max-new-tokens"
+            f"{facts.model_id}'s context of {limit} positions; {fix}"
         )

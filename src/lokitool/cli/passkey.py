@@ -53,7 +53,8 @@ def passkey_command(
         model, calibration, False, device, dtype, basis=basis, allow_other_model=allow_other_model
     )
     for length in length_list:
-        check_context(loaded.facts, length, passkey.MAX_NEW_TOKENS, what=f"--lengths {length}")
+        check_context(loaded.facts, length, passkey.MAX_NEW_TOKENS, what=f"a passkey prompt of --lengths {length}",
+                      fix=f"use --lengths up to {loaded.facts.max_positions - passkey.MAX_NEW_TOKENS}")
 
     def report(t) -> None:
         console.print(f"  {t.length:>6} tokens  depth {t.depth:<4g} {t.method:<22} {'found' if t.found else 'MISSED':<6} {t.answer[:40]!r}")
