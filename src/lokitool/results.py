@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .fileio import ensure_writable_dir, write_json_atomic
+from .fileio import disk_error, ensure_writable_dir, unique_path, write_json_atomic
 
 
 def versions() -> dict[str, str]:
@@ -41,14 +41,21 @@ def provenance() -> dict[str, Any]:
 
 def write_results(out_dir: Path, stem: str, document: dict[str, Any], *, keep_dated: bool = True) -> Path:
     """Write `document`, stamped with `provenance()`, atomically to OUT_DIR/STEM.json (the newest)
-    and, with `keep_dated`, to OUT_DIR/STEM_<date>.json as well (kept). Returns the path that keeps
-    this run: the dated one, or STEM.json without it."""
+    and, with `keep_dated`, to OUT_DIR/STEM_<date>.json as well (kept; the name is created
+    exclusively, so concurrent runs never share it). Returns the path that keeps this run: the dated
+    one, or STEM.json without it. A failed write (a full disk) is one line; old files stay intact."""
     out_dir = ensure_writable_dir(out_dir)
     stamped = {**document, **provenance()}
     path = out_dir / f"{stem}.json"
-    dated = None
-    if keep_dated:
-        dated = out_dir / f"{stem}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-        write_json_atomic(dated, stamped)
-    write_json_atomic(path, stamped)
+    dated = unique_path(out_dir, stem, ".json") if keep_dated else None
+    try:
+        if dated is not None:
+            write_json_atomic(dated, stamped)
+        write_json_atomic(path, stamped)
+    except BaseException as err:  # a full disk, Ctrl-C, SIGTERM: give back the reserved name
+        if dated is not None and dated.exists() and dated.stat().st_size == 0:
+            dated.unlink()
+        if isinstance(err, OSError):
+            raise disk_error(out_dir, err) from err
+        raise
     return dated or path

@@ -70,10 +70,14 @@ def attention_shape(preset_name: str | None, num_heads: int | None, num_kv_heads
     name = preset_name or DEFAULT_SHAPE
     if name not in PRESETS:
         raise UserError(f"unknown --model preset {name!r}; choose one of {', '.join(PRESETS)} or give --num-heads/--num-kv-heads/--head-dim")
+    for flag, value in (("--num-heads", num_heads), ("--num-kv-heads", num_kv_heads), ("--head-dim", head_dim)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     h, hkv, d = PRESETS[name].attention_shape
     if preset_name is None and num_heads is not None and num_kv_heads is None:
         num_kv_heads = num_heads
-    return num_heads or h, num_kv_heads or hkv, head_dim or d
+    return (h if num_heads is None else num_heads, hkv if num_kv_heads is None else num_kv_heads,
+            d if head_dim is None else head_dim)
 
 
 def random_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -12,6 +12,7 @@ facts, the dataset, token counts, window length, BOS choice, dtype, device, date
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..fileio import atomic_path
-from .models import ModelFacts
+from ..fileio import atomic_path, disk_error
+from .models import ModelFacts, describe_identity, same_identity
 from .pca import PCA
 
 FORMAT = "lokitool-calibration"
@@ -49,13 +50,30 @@ class Calibration:
         mean = pca.mean.to(torch.float64)
         return pca.covariance() + mean.unsqueeze(-1) * mean.unsqueeze(-2)
 
-    def check_model(self, facts: ModelFacts, source: str = "calibration") -> None:
-        """Refuse a calibration made for another model, naming both."""
+    def check_shape(self, facts: ModelFacts, source: str = "calibration") -> None:
+        """Refuse a calibration whose tensors do not fit this model's attention, naming both."""
         if not self.facts.same_architecture(facts):
             raise UserError(
                 f"{source} was made for {self.facts.model_id} ({_shape(self.facts)}), "
                 f"not for {facts.model_id} ({_shape(facts)}); calibrate this model first"
             )
+
+    def check_identity(self, model_id: str, revision: str | None, source: str = "calibration") -> None:
+        """Refuse a calibration made for other weights (see models.same_identity), naming both; the
+        CLI offers --allow-other-model for a deliberate transfer (e.g. a fine-tune of the same base)."""
+        if not same_identity((self.facts.model_id, self.facts.revision), (model_id, revision)):
+            raise UserError(
+                f"{source} was made for {describe_identity(self.facts.model_id, self.facts.revision)}, "
+                f"not for {describe_identity(model_id, revision)}; calibrate this model first "
+                "(or pass --allow-other-model to use it anyway)"
+            )
+
+    def check_model(self, facts: ModelFacts, source: str = "calibration", allow_other_model: bool = False) -> None:
+        """Refuse a calibration made for another model, naming both: other weights (unless allowed)
+        or another attention shape (always)."""
+        if not allow_other_model:
+            self.check_identity(facts.model_id, facts.revision, source)
+        self.check_shape(facts, source)
 
     # ------------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -77,15 +95,25 @@ class Calibration:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a failed write never leaves a partial file nor destroys an old one."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(self.tensors(), str(tmp), metadata=self.metadata())
+        try:
+            with atomic_path(path) as tmp:
+                save_file(self.tensors(), str(tmp), metadata=self.metadata())
+        except OSError as err:
+            raise disk_error(path, err) from err
+        except SafetensorError as err:  # safetensors reports I/O failures (a full disk) as its own error
+            raise UserError(f"cannot write {path} ({' '.join(str(err).split())[:160]}); free some space or choose "
+                            "another --output (the old file, if any, is intact)") from err
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
+        """Read and validate a calibration file: the header's schema and every known tensor's shape,
+        dtype and finiteness are checked here, so a bad file is refused in one line before any slow
+        work. Tensors this version does not know are ignored."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -99,16 +127,84 @@ class Calibration:
             raise UserError(f"{path} is not a calibration file (not safetensors: {str(err)[:120]})") from err
         if meta.get("format") != FORMAT:
             raise UserError(f"{path} is a safetensors file but not a lokitool calibration file")
-        version = int(meta.get("format_version", "0"))
-        if version > FORMAT_VERSION:
-            raise UserError(f"{path} has format version {version}; this lokitool reads up to {FORMAT_VERSION}: upgrade")
-        header = json.loads(meta["lokitool"])
-        facts = ModelFacts.from_dict(header.pop("model"))
         try:
+            facts, info = _read_header(meta)
             pca, query_moment = _stack(tensors, facts)
-        except KeyError as err:
-            raise UserError(f"{path} is incomplete: tensor {err.args[0]} is missing") from err
-        return cls(facts=facts, info=header, pca=pca, query_moment=query_moment)
+        except _Invalid as err:
+            raise UserError(f"{path} is not a valid calibration file: {err}; recreate it with `lokitool calibrate`") from None
+        except _TooNew as err:
+            raise UserError(f"{path} {err}") from None
+        return cls(facts=facts, info=info, pca=pca, query_moment=query_moment)
+
+
+class _Invalid(Exception):
+    """A calibration file that breaks the format (the message says where)."""
+
+
+class _TooNew(Exception):
+    """A calibration file written by a newer lokitool."""
+
+
+def _read_header(meta: dict[str, str]) -> tuple[ModelFacts, dict[str, Any]]:
+    """The header's model facts and run info, every field type-checked."""
+    raw = meta.get("format_version")
+    if raw is None or not raw.strip().isdigit():
+        raise _Invalid(f"format_version is {raw!r}, not a whole number")
+    version = int(raw)
+    if version > FORMAT_VERSION:
+        raise _TooNew(f"has format version {version}; this lokitool reads up to {FORMAT_VERSION}: upgrade lokitool")
+    if version < 1:
+        raise _Invalid(f"format_version {version} is not a version lokitool ever wrote")
+    if "lokitool" not in meta:
+        raise _Invalid("the header has no `lokitool` record")
+    try:
+        header = json.loads(meta["lokitool"])
+    except json.JSONDecodeError as err:
+        raise _Invalid(f"the header's `lokitool` record is not JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("model"), dict):
+        raise _Invalid("the header's `lokitool` record has no `model` object")
+    info = dict(header)
+    facts = _read_facts(info.pop("model"))
+    for key, value in info.items():
+        types = _INFO_TYPES.get(key)
+        if types is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise _Invalid(f"the header's {key} is {value!r}")
+    return facts, info
+
+
+# Types of the fields this version reads (a field added to ModelFacts later is checked for presence only).
+_INFO_TYPES: dict[str, tuple[type, ...]] = {
+    "dataset": (str,), "num_tokens": (int,), "num_windows": (int,), "seq_len": (int,), "bos": (bool,), "dtype": (str,),
+    "device": (str,), "processes": (int,), "date": (str,), "versions": (dict,),
+}
+_FACT_TYPES: dict[str, tuple[type, ...]] = {
+    "model_id": (str,), "revision": (str, type(None)), "architecture": (str,), "num_layers": (int,), "num_heads": (int,),
+    "num_kv_heads": (int,), "head_dim": (int,), "rope": (bool,), "max_positions": (int, type(None)),
+    "bos_token_id": (int, type(None)),
+}
+
+
+def _read_facts(record: dict[str, Any]) -> ModelFacts:
+    """Every field ModelFacts requires must be there (fields added later with defaults, such as the
+    sliding windows, may be absent from older files); none it does not know."""
+    fields = dataclasses.fields(ModelFacts)
+    names = [f.name for f in fields]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in record]
+    extra = [k for k in record if k not in names]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
+        raise _Invalid(f"the model record has {'; '.join(parts)}")
+    for key, types in _FACT_TYPES.items():
+        value = record.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise _Invalid(f"the model record's {key} is {value!r}")
+    for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        if record[key] < 1:
+            raise _Invalid(f"the model record's {key} is {record[key]}")
+    if record["num_heads"] % record["num_kv_heads"]:
+        raise _Invalid(f"{record['num_heads']} heads do not split into {record['num_kv_heads']} KV heads")
+    return ModelFacts.from_dict(record)
 
 
 def _shape(facts: ModelFacts) -> str:
@@ -118,17 +214,30 @@ def _shape(facts: ModelFacts) -> str:
     )
 
 
+def _tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The named tensor, checked: present, of `shape`, floating point and finite."""
+    if name not in tensors:
+        raise _Invalid(f"tensor {name} is missing")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise _Invalid(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    if not t.is_floating_point():
+        raise _Invalid(f"tensor {name} is {str(t.dtype).removeprefix('torch.')}, not floating point")
+    if not bool(torch.isfinite(t).all()):
+        raise _Invalid(f"tensor {name} holds NaN or infinite values")
+    return t
+
+
 def _stack(tensors: dict[str, torch.Tensor], facts: ModelFacts) -> tuple[dict[str, PCA], dict[str, torch.Tensor]]:
     layers = range(facts.num_layers)
+    h, d = facts.num_kv_heads, facts.head_dim
+    shapes = {"components": (h, d, d), "eigenvalues": (h, d), "mean": (h, d), "query_moment": (h, d, d)}
     pca, query_moment = {}, {}
     for kind in KINDS:
         def stacked(name: str) -> torch.Tensor:
-            return torch.stack([tensors[f"layers.{i}.{kind}.{name}"] for i in layers])
+            return torch.stack([_tensor(tensors, f"layers.{i}.{kind}.{name}", shapes[name]) for i in layers])
 
         pca[kind] = PCA(mean=stacked("mean"), components=stacked("components"), eigenvalues=stacked("eigenvalues"))
         if f"layers.0.{kind}.query_moment" in tensors:
             query_moment[kind] = stacked("query_moment")
-    expected = (facts.num_layers, facts.num_kv_heads, facts.head_dim, facts.head_dim)
-    if tuple(pca["pre"].components.shape) != expected:
-        raise UserError(f"calibration tensors have shape {tuple(pca['pre'].components.shape)}, expected {expected}")
     return pca, query_moment

@@ -22,6 +22,7 @@ class CalibrateConfig:
     bos: bool = True
     queries: bool = True
     device_map: str | None = None  # e.g. "auto": shard a large model over the visible GPUs (accelerate)
+    encoding: str = "utf-8"  # of local text files
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -30,6 +31,9 @@ class CalibrateConfig:
             raise UserError(f"--num-tokens {self.num_tokens} is smaller than --seq-len {self.seq_len}; raise --num-tokens")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        from .data import check_encoding
+
+        check_encoding(self.encoding)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -7,10 +7,15 @@ A dataset spec is one of:
 - `sotu:calibration`, `sotu:heldout`, or `sotu:YEAR-YEAR` (inclusive);
 - a local `.txt` file, a `.jsonl` file (one JSON object a line with a `text` field), or a folder of `.txt` files;
 - a Hugging Face dataset as `name:config:split` (or `name::split`), through the `datasets` package.
+
+Local text is decoded as UTF-8 unless `--encoding` says otherwise; a file that does not decode, or
+that holds NUL bytes (binary), is refused in one line naming it. `check_dataset` reads local
+sources before the model loads, so such errors come first.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
 import json
@@ -65,16 +70,59 @@ def sotu_documents(split: str) -> Iterator[str]:
             yield (root / "speeches" / f"{row['fileid']}.txt").read_text(encoding="utf-8")
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                yield record["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a `text` field") from err
+def check_encoding(encoding: str) -> str:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"unknown --encoding {encoding!r}; use e.g. utf-8, latin-1 or cp1252") from None
+    return encoding
+
+
+def decode_text(data: bytes, source: str | Path, encoding: str = "utf-8") -> str:
+    """Text of a local file's bytes, or one line naming the file and the fix."""
+    if b"\x00" in data[:65536] and not check_encoding(encoding).lower().replace("_", "-").startswith("utf-16"):
+        raise UserError(f"{source} looks binary (it holds NUL bytes), not text; give a text file")
+    try:
+        return data.decode(check_encoding(encoding))
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{source} is not valid {encoding} text (byte {err.start}); convert it to UTF-8 "
+            "or name its encoding with --encoding (e.g. --encoding latin-1)"
+        ) from None
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    return decode_text(data, path, encoding)
+
+
+def _jsonl_documents(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    try:
+        f = open(path, "rb")  # line by line: a jsonl file may be larger than memory
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            line = decode_text(raw, f"{path}:{lineno}", encoding)
+            if line.strip():
+                yield _jsonl_text(line, f"{path}:{lineno}")
+
+
+def _jsonl_text(line: str, where: str) -> str:
+    """The `text` field of one jsonl line, type-checked."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise UserError(f"{where}: not valid JSON; expected one object a line with a `text` field") from None
+    if not isinstance(record, dict) or "text" not in record:
+        raise UserError(f"{where}: expected a JSON object with a `text` field")
+    text = record["text"]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: the `text` field is {type(text).__name__} ({json.dumps(text)[:40]}), not a string")
+    return text
 
 
 def _hub_documents(spec: str) -> Iterator[str]:
@@ -96,8 +144,8 @@ def _hub_documents(spec: str) -> Iterator[str]:
         yield text
 
 
-def documents(spec: str) -> Iterator[str]:
-    """The documents of a dataset spec, in a fixed order."""
+def documents(spec: str, encoding: str = "utf-8") -> Iterator[str]:
+    """The documents of a dataset spec, in a fixed order; local files decoded with `encoding`."""
     if spec.startswith("sotu:"):
         yield from sotu_documents(spec.split(":", 1)[1])
         return
@@ -107,16 +155,32 @@ def documents(spec: str) -> Iterator[str]:
         if not files:
             raise UserError(f"folder {path} holds no .txt files")
         for file in files:
-            yield file.read_text(encoding="utf-8")
+            yield read_text(file, encoding)
     elif path.is_file():
         if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path)
+            yield from _jsonl_documents(path, encoding)
         else:
-            yield path.read_text(encoding="utf-8")
+            yield read_text(path, encoding)
     elif ":" in spec:
         yield from _hub_documents(spec)
     else:
         raise UserError(f"dataset {spec!r} is not a file, a folder, `default`, sotu:SPLIT or name:config:split")
+
+
+def check_dataset(spec: str, encoding: str = "utf-8", max_chars: int = 1 << 26) -> None:
+    """Read a local dataset (up to `max_chars` characters) so that undecodable files and bad jsonl
+    lines are refused before the model loads. Hub and embedded datasets are checked when read."""
+    check_encoding(encoding)
+    path = Path(spec)
+    if spec.startswith("sotu:") or spec == "default" or not (path.is_dir() or path.is_file()):
+        if not spec.startswith("sotu:") and spec != "default" and ":" not in spec:
+            raise UserError(f"dataset {spec!r} is not a file, a folder, `default`, sotu:SPLIT or name:config:split")
+        return
+    size = 0
+    for doc in documents(spec, encoding):
+        size += len(doc)
+        if size >= max_chars:
+            return
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +227,7 @@ def token_windows(
     num_tokens: int,
     bos_token_id: int | None,
     add_bos: bool = True,
+    encoding: str = "utf-8",
 ) -> Windows:
     """Cut `num_tokens` tokens of `dataset` into windows of `seq_len`; BOS is set explicitly, since
     tokenizers differ across versions in whether they add it."""
@@ -174,7 +239,7 @@ def token_windows(
     body = seq_len - 1 if use_bos else seq_len
     num_windows = num_tokens // seq_len
     separator = getattr(tokenizer, "eos_token_id", None)
-    stream = _token_stream(tokenizer, documents(dataset), separator, num_windows * body)
+    stream = _token_stream(tokenizer, documents(dataset, encoding), separator, num_windows * body)
     available = len(stream) // body
     if available == 0:
         raise UserError(
@@ -188,7 +253,9 @@ def token_windows(
     return Windows(tokens=tokens, dataset=dataset, bos=use_bos)
 
 
-def load_windows(loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens: int, bos: bool, purpose: str) -> Windows:
+def load_windows(
+    loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens: int, bos: bool, purpose: str, encoding: str = "utf-8"
+) -> Windows:
     facts = loaded.facts
     if facts.max_positions is not None and seq_len > facts.max_positions:
         raise UserError(f"--seq-len {seq_len} is longer than {facts.model_id} allows ({facts.max_positions}); lower it")
@@ -199,4 +266,5 @@ def load_windows(loaded: LoadedModel, dataset: str, *, seq_len: int, num_tokens:
         num_tokens=num_tokens,
         bos_token_id=facts.bos_token_id,
         add_bos=bos,
+        encoding=encoding,
     )

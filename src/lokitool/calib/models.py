@@ -94,6 +94,23 @@ class ModelFacts:
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
+CONTENT_HASHES = ("sha256:", "gguf-sha256:")
+
+
+def same_identity(a: tuple[str, str | None], b: tuple[str, str | None]) -> bool:
+    """Whether two (model_id, revision) pairs name the same weights. Content hashes decide when both
+    sides have one (the embedded default, its .gguf and its converted cache folder are one model,
+    wherever they lie); otherwise the ids must match, and the revisions too when both are known."""
+    (id_a, rev_a), (id_b, rev_b) = a, b
+    if rev_a and rev_b and rev_a.startswith(CONTENT_HASHES) and rev_b.startswith(CONTENT_HASHES):
+        return rev_a == rev_b
+    return id_a == id_b and (rev_a == rev_b or rev_a is None or rev_b is None)
+
+
+def describe_identity(model_id: str, revision: str | None) -> str:
+    return f"{model_id}@{revision}" if revision else model_id
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -301,20 +318,98 @@ def _file_digest(path: Path, limit: int = 1 << 22) -> str:
     return h.hexdigest()[:16]
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
 def _load_from_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"cannot load GGUF file {gguf} ({_one_line(err, 200)}); give a GGUF of a supported decoder") from err
     return model, tokenizer
 
 
-def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
-    """Write a dequantized safetensors copy of a GGUF model; atomic (temp dir, then rename)."""
+# Beside the converted copy of a GGUF: the GGUF's content hash, so that a calibration made from the
+# .gguf (or `default`) is recognised as the same model when the folder is loaded directly.
+SOURCE_RECORD = "lokitool-source.json"
+GGUF_MAGIC = b"GGUF"
+
+
+def _gguf_file(spec: str) -> Path:
+    """The GGUF file of a spec (`default` or a path), checked to exist and to be GGUF."""
+    gguf = embedded_gguf_path() if spec == "default" else Path(spec)
+    if not gguf.is_file():
+        raise UserError(f"GGUF file {gguf} does not exist")
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{gguf} is not a GGUF file (it does not start with GGUF); give a real .gguf, a model folder or a hub id")
+    return gguf
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A model folder needs config.json, weights and a tokenizer: say which is missing before loading."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    fix = "give a folder saved by save_pretrained (config.json, weights and tokenizer), a .gguf file or a hub id"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"folder {folder} holds no config.json, so it is not a model folder; {fix}")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, KeyError) as err:
+        raise UserError(f"cannot read {folder / 'config.json'} ({_one_line(err, 160)}); {fix}") from err
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{folder} is not a causal language model (AutoModelForCausalLM cannot load a {config.model_type}); {fix}")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise UserError(f"model folder {folder} holds no weights (*.safetensors or *.bin); {fix}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"model folder {folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there with tokenizer.save_pretrained"
+        )
+
+
+def identify(spec: str) -> tuple[str, str | None]:
+    """(model_id, revision) of a model spec without loading it: what calibration files record, and
+    what `Calibration.check_model` compares before any slow work."""
+    if spec == "default" or spec.endswith(".gguf"):
+        gguf = _gguf_file(spec)
+        return (EMBEDDED_ID if spec == "default" else str(gguf.resolve())), f"gguf-sha256:{_file_digest(gguf)}"
+    name, _, revision = spec.partition("@")
+    local = Path(name)
+    if local.exists() and not local.is_dir():
+        raise UserError(f"{name} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
+    if not local.is_dir():
+        return name, revision or None
+    _check_model_folder(local)
+    record = local / SOURCE_RECORD
+    if record.is_file():
+        try:
+            return str(local.resolve()), str(json.loads(record.read_text())["revision"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # an unreadable record: identify the folder by its weights instead
+    weights = local / "model.safetensors"
+    return str(local.resolve()), (f"sha256:{_file_digest(weights)}" if weights.is_file() else revision or None)
+
+
+def _save_converted(model: nn.Module, tokenizer: Any, target: Path, source: Path) -> None:
+    """Write a dequantized safetensors copy of the GGUF model `source`; atomic (temp dir, then rename)."""
     from safetensors.torch import save_model
 
+    from ..fileio import remove_stale_temps, temp_prefix
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_temps(target.parent)  # folders of conversions killed mid-way
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -323,6 +418,7 @@ def _save_converted(model: nn.Module, tokenizer: Any, target: Path) -> None:
         # save_model drops the tied duplicate (lm_head shares the embedding)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # loaded as float32
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"revision": f"gguf-sha256:{_file_digest(source)}"}))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -338,10 +434,15 @@ def _converted_gguf_dir(gguf: Path, dtype: torch.dtype) -> tuple[Path, str]:
     if not (target / "model.safetensors").is_file():
         model, tokenizer = _load_from_gguf(gguf, torch.float32)
         try:
-            _save_converted(model, tokenizer, target)
+            _save_converted(model, tokenizer, target, gguf)
         except OSError:
             # A read-only cache is no reason to fail: the GGUF itself still loads (slowly).
             return gguf, digest
+    elif not (target / SOURCE_RECORD).is_file():  # converted by an older lokitool
+        try:
+            (target / SOURCE_RECORD).write_text(json.dumps({"revision": f"gguf-sha256:{digest}"}))
+        except OSError:
+            pass  # a read-only cache: the folder then identifies by its own weights
     return target, digest
 
 
@@ -370,11 +471,13 @@ def _from_pretrained(source: str, revision: str | None, dtype: torch.dtype, devi
     except ValueError as err:
         if "Unrecognized configuration class" in str(err) or "AutoModelForCausalLM" in str(err):
             raise UserError(f"{source} is not a causal language model (AutoModelForCausalLM cannot load it)") from err
-        raise UserError(f"cannot load model {source}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"cannot load model {source}: {_one_line(err)}") from err
     except OSError as err:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load model folder {source} ({_one_line(err, 200)}); save it again with save_pretrained") from err
         raise UserError(
             f"cannot load model {source}: not a local folder and not reachable on the Hugging Face Hub "
-            f"({str(err).splitlines()[0][:160]}); check the id, or use `--model default`"
+            f"({_one_line(err, 160)}); check the id, or use `--model default`"
         ) from err
     return model, tokenizer
 
@@ -384,27 +487,16 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map:
     devices by accelerate's `device_map` (e.g. "auto") for a model larger than one card."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    model_id, revision = identify(spec)  # checks the spec before anything slow
     if spec == "default" or spec.endswith(".gguf"):
-        gguf = embedded_gguf_path() if spec == "default" else Path(spec)
-        if not gguf.is_file():
-            raise UserError(f"GGUF file {gguf} does not exist")
-        source, digest = _converted_gguf_dir(gguf, dt)
+        source, _ = _converted_gguf_dir(_gguf_file(spec), dt)
         if source.suffix == ".gguf":
             model, tokenizer = _load_from_gguf(source, dt)
         else:
             model, tokenizer = _from_pretrained(str(source), None, dt, device_map)
-        model_id = EMBEDDED_ID if spec == "default" else str(Path(spec).resolve())
-        revision = f"gguf-sha256:{digest}"
     else:
-        name, _, revision = spec.partition("@")
-        revision = revision or None
-        local = Path(name)
-        if local.exists() and not local.is_dir():
-            raise UserError(f"{name} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
-        model, tokenizer = _from_pretrained(name, revision, dt, device_map)
-        model_id = str(local.resolve()) if local.is_dir() else name
-        if local.is_dir() and (local / "model.safetensors").is_file():
-            revision = f"sha256:{_file_digest(local / 'model.safetensors')}"
+        name, _, hub_revision = spec.partition("@")
+        model, tokenizer = _from_pretrained(name, hub_revision or None, dt, device_map)
     if not device_map:
         model.to(dev)
     model.eval()

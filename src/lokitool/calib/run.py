@@ -14,7 +14,7 @@ from . import pca
 from .calibration import Calibration
 from .collect import collect_statistics
 from .config import CalibrateConfig
-from .data import Windows, load_windows
+from .data import Windows, check_dataset, load_windows, resolve_dataset_spec
 from .distributed import World, all_reduce_, barrier, shard
 from .models import LoadedModel, ModelFacts, load_model
 from .moments import KINDS, Statistics
@@ -47,9 +47,11 @@ def build_calibration(stats: Statistics, facts: ModelFacts, info: dict) -> Calib
 def prepare(config: CalibrateConfig) -> CalibrationJob:
     """Check the output path, load the model and tokenize the text: every input error surfaces here."""
     check_output_file(config.output)
+    check_dataset(resolve_dataset_spec(config.dataset, "calibrate"), config.encoding)  # bad text fails before the model loads
     loaded = load_model(config.model, config.device, config.dtype, device_map=config.device_map)
     windows = load_windows(
-        loaded, config.dataset, seq_len=config.seq_len, num_tokens=config.num_tokens, bos=config.bos, purpose="calibrate"
+        loaded, config.dataset, seq_len=config.seq_len, num_tokens=config.num_tokens, bos=config.bos, purpose="calibrate",
+        encoding=config.encoding,
     )
     return CalibrationJob(config=config, loaded=loaded, windows=windows)
 

@@ -26,6 +26,7 @@ def calibrate(
     bos: bool = typer.Option(CalibrateConfig.bos, "--bos/--no-bos", help="Start every window with the BOS token."),
     queries: bool = typer.Option(CalibrateConfig.queries, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
     device_map: Optional[str] = typer.Option(CalibrateConfig.device_map, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
+    encoding: str = typer.Option(CalibrateConfig.encoding, help="Encoding of local .txt/.jsonl text (e.g. latin-1)."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
     import contextlib
@@ -38,6 +39,7 @@ def calibrate(
     config = CalibrateConfig(
         model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
         batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries, device_map=device_map,
+        encoding=encoding,
     )
     with process_group(device) as world:  # torchrun: one process per GPU; otherwise a no-op
         with console.status(f"loading {model} and {dataset} text") if world.is_main else contextlib.nullcontext():

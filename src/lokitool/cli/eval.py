@@ -18,6 +18,40 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+COLUMNS = ("method", "kf", "df / v", "basis", "budget", "sink", "perplexity", "vs full", "kept", "jaccard")
+SQUEEZABLE = ("basis", "budget")  # may wrap; every other column keeps its values whole
+DROP_WHEN_NARROW = ("jaccard", "budget", "sink", "basis", "kept")  # in this order, while the table does not fit
+
+
+def results_table(results, full: float | None, title: str, width: int | None = None) -> Table:
+    """One row per point. Numbers and method names never wrap nor truncate: in a terminal too narrow
+    for every column, the less important columns are left out (the results file has them all)."""
+    rows = []
+    for r in results:
+        dim = r.df if r.df is not None else r.variance
+        rows.append((
+            r.method, _fmt(r.kf, "g"), _fmt(dim if r.method in ("loki", "random-basis") else None, "g"),
+            r.basis if r.method == "loki" else "-", r.budget if r.method != "full" else "-",
+            str(r.sink) if r.method != "full" else "-", f"{r.perplexity:.3f}",
+            _fmt(r.perplexity / full if full else None, ".3f"), _fmt(r.kept_fraction), _fmt(r.jaccard),
+        ))
+    widths = {col: max([len(row[i]) for row in rows] + [len(col) if col not in SQUEEZABLE else 1]) for i, col in enumerate(COLUMNS)}
+    shown = list(COLUMNS)
+    for col in DROP_WHEN_NARROW:
+        if width is None or sum(widths[c] + 3 for c in shown) + 1 <= width:
+            break
+        shown.remove(col)
+    table = Table(title=title)
+    for col in shown:
+        if col in SQUEEZABLE:
+            table.add_column(col, justify="left")
+        else:
+            table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True, min_width=widths[col])
+    for row in rows:
+        table.add_row(*(value for col, value in zip(COLUMNS, row) if col in shown))
+    return table
+
+
 @app.command("eval")
 def eval_command(
     ppl: bool = typer.Option(False, "--ppl", help="Measure perplexity (the only evaluation so far)."),
@@ -40,11 +74,13 @@ def eval_command(
     dtype: Dtype = EvalConfig.dtype,
     bos: bool = typer.Option(EvalConfig.bos, "--bos/--no-bos", help="Start every window with BOS."),
     backend: str = typer.Option(EvalConfig.backend, help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
+    encoding: str = typer.Option(EvalConfig.encoding, help="Encoding of local .txt/.jsonl text (e.g. latin-1)."),
+    allow_other_model: bool = typer.Option(False, "--allow-other-model", help="Use a calibration made for other weights of the same attention shape (e.g. the base of a fine-tune)."),
 ) -> None:
     """Perplexity with full attention, Loki and baselines, on held-out text."""
     from ..calib.calibration import Calibration
-    from ..calib.data import load_windows
-    from ..calib.models import load_model, resolve_device, resolve_dtype
+    from ..calib.data import check_dataset, load_windows, resolve_dataset_spec
+    from ..calib.models import identify, load_model, resolve_device, resolve_dtype
     from ..evals import ppl as evaluate
     from ..fileio import ensure_writable_dir
     from ..sparse.attention import resolve_backend
@@ -60,6 +96,7 @@ def eval_command(
         kf=float_list(kf, "--kf"), df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
         basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
         batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos, backend=backend,
+        encoding=encoding,
     )
     specs = config.specs()  # validates every point before anything slow
     dev = resolve_device(device)
@@ -67,11 +104,15 @@ def eval_command(
     chosen = resolve_backend(backend, dev, dt)  # before the model loads
     ensure_writable_dir(output_path)
     cal = Calibration.load(calibration) if calibration else None
+    config.check_calibration(cal)
+    if cal is not None and not allow_other_model:
+        cal.check_identity(*identify(model), str(calibration))
+    check_dataset(resolve_dataset_spec(dataset, "eval"), encoding)
     with console.status(f"loading {model} and {dataset} text"):
         loaded = load_model(model, device, dtype)
         if cal is not None:
-            cal.check_model(loaded.facts, str(calibration))
-        windows = load_windows(loaded, dataset, seq_len=seq_len, num_tokens=num_tokens, bos=bos, purpose="eval")
+            cal.check_model(loaded.facts, str(calibration), allow_other_model)
+        windows = load_windows(loaded, dataset, seq_len=seq_len, num_tokens=num_tokens, bos=bos, purpose="eval", encoding=encoding)
         if cal is not None and windows.dataset == cal.info.get("dataset"):
             console.print(f"[yellow]warning:[/yellow] evaluating on {windows.dataset}, the calibration's own text")
     console.print(f"{len(specs)} runs over {windows.tokens.shape[0]} windows of {windows.seq_len} tokens ({windows.dataset})")
@@ -89,16 +130,6 @@ def eval_command(
     path = evaluate.write_results(config, loaded, cal, windows.dataset, results)
 
     full = next((r.perplexity for r in results if r.method == "full"), None)
-    table = Table(title=f"perplexity on {windows.dataset} ({results[0].tokens:,} predicted tokens)")
-    for col in ("method", "kf", "df / v", "basis", "budget", "sink", "perplexity", "vs full", "kept", "jaccard"):
-        table.add_column(col, justify="left" if col in ("method", "basis", "budget") else "right")
-    for r in results:
-        dim = r.df if r.df is not None else r.variance
-        table.add_row(
-            r.method, _fmt(r.kf, "g"), _fmt(dim if r.method in ("loki", "random-basis") else None, "g"),
-            r.basis if r.method == "loki" else "-", r.budget if r.method != "full" else "-",
-            str(r.sink) if r.method != "full" else "-", f"{r.perplexity:.3f}",
-            _fmt(r.perplexity / full if full else None, ".3f"), _fmt(r.kept_fraction), _fmt(r.jaccard),
-        )
-    out.print(table)
+    title = f"perplexity on {windows.dataset} ({results[0].tokens:,} predicted tokens)"
+    out.print(results_table(results, full, title, out.width))
     out.print(f"wrote {path} (and results.json)")

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from .app import app, console
-from .loading import load_model_and_calibration
+from .loading import check_context, load_model_and_calibration
 from .options import Device, Dtype
 
 
@@ -29,11 +29,14 @@ def generate_command(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template, if it has one."),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    encoding: str = typer.Option("utf-8", help="Encoding of --prompt-file (e.g. latin-1)."),
+    allow_other_model: bool = typer.Option(False, "--allow-other-model", help="Use a calibration made for other weights of the same attention shape."),
 ) -> None:
     """Greedy generation with a Loki KV cache, printed as it is generated."""
     import torch
     from transformers import TextStreamer
 
+    from ..calib.data import read_text
     from ..sparse import generation as gen
     from ..sparse.reference import LokiSpec
 
@@ -42,12 +45,15 @@ def generate_command(
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise UserError(f"prompt file {prompt_file} does not exist")
-        prompt = prompt_file.read_text(encoding="utf-8")
+        prompt = read_text(prompt_file, encoding)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     spec = None if full else LokiSpec(kf=kf, df=df, basis=basis, group=group)
-    loaded, cal = load_model_and_calibration(model, calibration, full, device, dtype)
+    loaded, cal = load_model_and_calibration(
+        model, calibration, full, device, dtype, basis=None if full else basis, allow_other_model=allow_other_model
+    )
     ids = gen.encode_prompt(loaded.tokenizer, prompt, loaded.facts.bos_token_id, chat=chat)
+    check_context(loaded.facts, len(ids), max_new_tokens)
     x = torch.tensor([ids], device=next(loaded.model.parameters()).device)
     mode = "full attention" if full else f"Loki kf={kf:g} df={df:g} (d={spec.dims(loaded.facts.head_dim)}, {basis} basis)"
     shape = loaded.facts.attention_summary()

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from .app import app, console, out
-from .loading import load_model_and_calibration
+from .loading import check_context, load_model_and_calibration
 from .options import Device, Dtype
 
 
@@ -26,6 +26,7 @@ def passkey_command(
     output_path: Optional[Path] = typer.Option(None, help="Directory for passkey.json and passkey.md."),
     device: Device = "auto",
     dtype: Dtype = "auto",
+    allow_other_model: bool = typer.Option(False, "--allow-other-model", help="Use a calibration made for other weights of the same attention shape."),
 ) -> None:
     """Passkey retrieval under full attention and Loki at several lengths and depths."""
     from dataclasses import asdict
@@ -39,10 +40,23 @@ def passkey_command(
         depth_list = [float(x) for x in depths.split(",") if x.strip()]
     except ValueError as err:
         raise UserError(f"--lengths takes whole numbers and --depths fractions, got {lengths!r} / {depths!r}") from err
+    if not length_list:
+        raise UserError("--lengths is empty; give prompt lengths in tokens, e.g. --lengths 512,1024")
+    if not depth_list:
+        raise UserError("--depths is empty; give fractions of the filler, e.g. --depths 0.1,0.5,0.9")
+    if any(n < 1 for n in length_list):
+        raise UserError(f"--lengths must be positive, got {lengths!r}")
+    if any(not 0 <= d <= 1 for d in depth_list):
+        raise UserError(f"--depths must lie in [0, 1], got {depths!r}")
     spec = LokiSpec(kf=kf, df=df, basis=basis)
     if output_path is not None:
         ensure_writable_dir(output_path)
-    loaded, cal = load_model_and_calibration(model, calibration, False, device, dtype)
+    loaded, cal = load_model_and_calibration(
+        model, calibration, False, device, dtype, basis=basis, allow_other_model=allow_other_model
+    )
+    for length in length_list:
+        check_context(loaded.facts, length, passkey.MAX_NEW_TOKENS, what=f"a passkey prompt of --lengths {length}",
+                      fix=f"use --lengths up to {loaded.facts.max_positions - passkey.MAX_NEW_TOKENS}")
 
     def report(t) -> None:
         console.print(f"  {t.length:>6} tokens  depth {t.depth:<4g} {t.method:<22} {'found' if t.found else 'MISSED':<6} {t.answer[:40]!r}")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 
 if TYPE_CHECKING:
+    from ..calib.calibration import Calibration
     from ..sparse.attention import MethodSpec
 
 
@@ -34,6 +35,7 @@ class EvalConfig:
     dtype: str = "auto"
     bos: bool = True
     backend: str = "auto"  # torch | triton | auto (triton on CUDA with a 16-bit model)
+    encoding: str = "utf-8"  # of local text files
 
     def __post_init__(self) -> None:
         from ..sparse.attention import EVAL_METHODS, LOW_RANK
@@ -49,7 +51,30 @@ class EvalConfig:
             raise UserError("low-rank methods need --df or --variance")
         if "loki" in self.methods and self.calibration is None:
             raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+        if self.variance and self.calibration is None and any(m in LOW_RANK for m in self.methods):
+            raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2 (got {self.seq_len})")
+        if self.num_tokens < self.seq_len:
+            raise UserError(f"--num-tokens {self.num_tokens} is smaller than --seq-len {self.seq_len}; raise --num-tokens")
+        for sink in self.sink:
+            if sink >= self.seq_len:
+                raise UserError(f"--sink {sink} keeps every token of a {self.seq_len}-token window; use a --sink below --seq-len")
+        from ..calib.data import check_encoding
+
+        check_encoding(self.encoding)
         self.specs()  # every point's LokiSpec validates its own settings
+
+    def check_calibration(self, calibration: Calibration | None) -> None:
+        """Every point's needs of the calibration file (query statistics for qa bases), checked
+        before the model loads."""
+        from ..sparse.bases import check_basis
+
+        for spec in self.specs():
+            if spec.method == "loki":
+                check_basis(spec.loki.basis, calibration)
 
     def specs(self) -> list[MethodSpec]:
         """Every point of the sweep, `full` first (once)."""

@@ -27,6 +27,7 @@ from ..sparse import generation as gen
 from ..sparse.reference import LokiSpec
 
 QUESTION = "What is the pass key? Answer with the number only."
+MAX_NEW_TOKENS = 12  # enough for the five digits and some words around them
 INTRO = "There is a pass key hidden in the following text. Find it and remember it.\n\n"
 
 
@@ -95,7 +96,7 @@ def run(
     spec: LokiSpec,
     calibration: Calibration | None,
     seed: int = 0,
-    max_new_tokens: int = 12,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     on_trial: Callable[[Trial], None] = lambda t: None,
 ) -> list[Trial]:
     """Full attention and Loki on every (length, depth); one random key per pair."""

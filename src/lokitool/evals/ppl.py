@@ -36,6 +36,7 @@ class Result:
     seconds: float
     backend: str | None = None  # what ran the sparse attention (None for full: the model's own, or older files)
     torch_layers: list[int] | None = None  # with backend triton: layers the kernels cannot express, run on torch
+    d: int | None = None  # dims scored, resolved from df (d = round(df x D), at least 1); None with --variance or no low rank
 
 
 @torch.inference_mode()
@@ -60,6 +61,7 @@ def evaluate_spec(
 
     start = time.perf_counter()
     torch_layers = None
+    d = spec.loki.dims(loaded.facts.head_dim) if spec.method in LOW_RANK and spec.loki.df is not None else None
     if spec.method == "full":
         nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
         kept, jaccard, per_layer = 1.0, None, None
@@ -82,6 +84,7 @@ def evaluate_spec(
         seconds=time.perf_counter() - start,
         backend=backend,
         torch_layers=torch_layers,
+        d=d,
     )
 
 
@@ -124,7 +127,7 @@ def _label(r: Result) -> str:
     if r.basis and r.method == "loki":
         parts.append(f"{r.basis}")
     if r.df is not None and r.method in LOW_RANK:
-        parts.append(f"df={r.df:g}")
+        parts.append(f"df={r.df:g}" + (f" (d={r.d})" if r.d is not None else ""))
     if r.variance is not None:
         parts.append(f"v={r.variance:g}")
     if r.budget and r.budget != "per-row":

@@ -163,7 +163,7 @@ def patched(
     """Run the model's attention through `spec` while the block runs; yields the per-layer stats.
     backend: `torch` (loki.py, the reference) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
     if calibration is not None:
-        calibration.check_model(facts)
+        calibration.check_shape(facts)
     # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`
     if spec.method in ("h2o", "full"):
         backend = "torch"

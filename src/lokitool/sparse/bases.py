@@ -111,13 +111,24 @@ def query_aware_subspace(c: torch.Tensor, s: torch.Tensor, d: int, steps: int = 
     return u
 
 
+def check_basis(name: str, calibration: Calibration | None) -> None:
+    """Refuse, before any slow work, a basis the calibration (or its absence) cannot provide."""
+    if name not in BASES:
+        raise UserError(f"unknown basis {name!r}; choose from {', '.join(BASES)}")
+    if name == "random":
+        return
+    if calibration is None:
+        raise UserError(f"basis {name} needs --calibration FILE (make one with `lokitool calibrate`)")
+    if name.startswith("qa-") and name.removeprefix("qa-") not in calibration.query_moment:
+        raise UserError(
+            f"basis {name} needs query statistics, and this calibration file has none; recalibrate "
+            "without --no-queries (queries are collected by default), or use --basis pre or post"
+        )
+
+
 def query_aware_basis(calibration: Calibration, kind: str, d: int) -> torch.Tensor:
     """The `qa` basis [L, Hkv, D, D] for a dimension budget d, from the file's C and S."""
-    if kind not in calibration.query_moment:
-        raise UserError(
-            "this calibration file has no query statistics; recalibrate with a current lokitool "
-            "(queries are collected unless --no-queries)"
-        )
+    check_basis(f"qa-{kind}", calibration)
     c = calibration.pca[kind].covariance()
     s = calibration.query_moment[kind].to(torch.float64)
     return _complete(query_aware_subspace(c, s, d))

@@ -50,7 +50,7 @@ def decode_backend(device: torch.device) -> DecodeFn:
 def loki_bases(spec: LokiSpec, calibration: Calibration | None, facts: ModelFacts) -> torch.Tensor:
     """[L, Hkv, D, D] float32 bases for the cache (a query-aware basis depends on d)."""
     if calibration is not None:
-        calibration.check_model(facts)
+        calibration.check_shape(facts)
     shape = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
     return bases.basis_for(spec.basis, calibration, spec.dims(facts.head_dim), shape).float()
 
