@@ -17,7 +17,7 @@ from lokitool.evals.config import EvalConfig
 
 RESULT_FIELDS = {
     "method", "kf", "df", "variance", "basis", "budget", "sink", "group", "perplexity", "nll", "tokens",
-    "kept_fraction", "jaccard", "jaccard_per_layer", "seconds", "backend",
+    "kept_fraction", "jaccard", "jaccard_per_layer", "seconds", "backend", "torch_layers", "d",
 }
 
 
@@ -78,8 +78,8 @@ def test_results_file_schema_and_numbers(tmp_path):
     rows = {r["method"]: r for r in newest["results"]}
     assert all(set(r) == RESULT_FIELDS for r in rows.values())
     full, loki, h2o = rows["full"], rows["loki"], rows["h2o"]
-    assert all(full[k] is None for k in ("kf", "df", "variance", "basis", "budget", "sink", "group", "backend"))
-    assert (loki["kf"], loki["df"], loki["basis"], loki["backend"]) == (0.25, 0.5, "post", "torch")
+    assert all(full[k] is None for k in ("kf", "df", "d", "variance", "basis", "budget", "sink", "group", "backend"))
+    assert (loki["kf"], loki["df"], loki["d"], loki["basis"], loki["backend"]) == (0.25, 0.5, 8, "post", "torch")
     assert h2o["df"] is None and h2o["basis"] is None and h2o["jaccard"] is None
     assert full["tokens"] == loki["tokens"] == 2 * 39
     # perplexity is exp of the mean NLL, and full attention's equals the model's own cross entropy
