@@ -369,6 +369,7 @@ def _check_model_folder(folder: Path) -> None:
         raise UserError(f"cannot read {folder / 'config.json'} ({_one_line(err, 160)}); {fix}") from err
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"{folder} is not a causal language model (AutoModelForCausalLM cannot load a {config.model_type}); {fix}")
+    _check_skeleton(str(folder), None)  # an attention layout lokitool cannot hook is the first thing to say
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise UserError(f"model folder {folder} holds no weights (*.safetensors or *.bin); {fix}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
