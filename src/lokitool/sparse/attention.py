@@ -188,8 +188,8 @@ def patched(
     if calibration is not None:
         calibration.check_model(facts)
     # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`;
-    # the peers (sparse/peers.py) are the reference's only
-    if spec.method in ("h2o", "full", "sparq", "quest"):
+    # SparQ, Quest (sparse/peers.py) and union groups are the reference's only
+    if spec.method in ("h2o", "full", "sparq", "quest") or (spec.loki is not None and spec.loki.group == "union"):
         backend = "torch"
     recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)], backend=backend)
     low_rank = spec.method in LOW_RANK
