@@ -68,30 +68,31 @@ def brute_force(q, k, v, approx, *, kf, scaling, budget="per-row", sink=0, group
 
 def sparq_brute(q, k, r, shared):
     g = H // HKV
+    q, k = q.tolist(), k.tolist()  # plain floats: the obvious arithmetic, and fast enough
 
     def approx(bi, hi, i, t):
         if shared:
             group = range(hi // g * g, hi // g * g + g)
-            mag = [sum(abs(float(q[bi, o, i, c])) for o in group) for c in range(D)]
+            mag = [sum(abs(q[bi][o][i][c]) for o in group) for c in range(D)]
         else:
-            mag = [abs(float(q[bi, hi, i, c])) for c in range(D)]
+            mag = [abs(q[bi][hi][i][c]) for c in range(D)]
         dims = sorted(range(D), key=lambda c: -mag[c])[:r]
-        return [sum(float(q[bi, hi, i, c]) * float(k[bi, hi // g, j, c]) for c in dims) for j in range(t + 1)]
+        return [sum(q[bi][hi][i][c] * k[bi][hi // g][j][c] for c in dims) for j in range(t + 1)]
 
     return approx
 
 
 def quest_brute(q, k, page):
     g = H // HKV
+    q, k = q.tolist(), k.tolist()
 
     def approx(bi, hi, i, t):
         out = []
         for j in range(t + 1):
             start = j // page * page
-            keys = k[bi, hi // g, start : min(start + page, t + 1)].double()  # the row's own page: up to t
-            lo, hi_ = keys.min(0).values, keys.max(0).values
-            qq = q[bi, hi, i].double()
-            out.append(float(torch.maximum(qq * lo, qq * hi_).sum()))
+            keys = k[bi][hi // g][start : min(start + page, t + 1)]  # the row's own page: up to t
+            lo, top = [min(col) for col in zip(*keys)], [max(col) for col in zip(*keys)]
+            out.append(sum(max(x * a, x * b) for x, a, b in zip(q[bi][hi][i], lo, top)))
         return out
 
     return approx
@@ -99,17 +100,19 @@ def quest_brute(q, k, page):
 
 def channels_brute(q, k, channels, r):
     g = H // HKV
+    q, k = q.tolist(), k.tolist()
 
     def approx(bi, hi, i, t):
         chosen = channels[hi // g, :r].tolist()
-        return [sum(float(q[bi, hi, i, c]) * float(k[bi, hi // g, j, c]) for c in chosen) for j in range(t + 1)]
+        return [sum(q[bi][hi][i][c] * k[bi][hi // g][j][c] for c in chosen) for j in range(t + 1)]
 
     return approx
 
 
 def exact_brute(q, k):
     g = H // HKV
-    return lambda bi, hi, i, t: [float(q[bi, hi, i].double() @ k[bi, hi // g, j].double()) for j in range(t + 1)]
+    q, k = q.tolist(), k.tolist()
+    return lambda bi, hi, i, t: [sum(a * b for a, b in zip(q[bi][hi][i], k[bi][hi // g][j])) for j in range(t + 1)]
 
 
 CASES = [("per-row", 0, 0), ("per-row", 2, 4), ("window", 0, 4), ("window", 3, 0)]  # budget, sink, cached keys
