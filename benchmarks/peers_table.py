@@ -34,7 +34,7 @@ def main(rows: list[dict]) -> None:
     full = next((r["perplexity"] for r in rows if r["method"] == "full"), None)
     print("| method | bytes | kf | d or r / page | perplexity | vs full | kept | Jaccard vs exact top-k |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (-(r["bytes"] or 0), r["perplexity"])):
+    for r in sorted(rows, key=lambda r: (-round(r["bytes"] or 0, 4), r["perplexity"])):
         size = r["r"] if r.get("r") is not None else (f"P = {r['page']}" if r.get("page") else None)
         print(
             f"| {label(r)} | {fmt(r['bytes'], '.4g')} | {fmt(r['kf'], 'g')} | {size if size is not None else '-'} | "
