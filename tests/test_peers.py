@@ -201,6 +201,12 @@ def test_union_keeps_one_set_per_kv_head():
     assert keep.gather(-1, best[..., None])[..., 0][:, :, 9:].all()
 
 
+def test_decoding_refuses_union_groups():
+    q, k, _ = qkv(seed=9)
+    with pytest.raises(UserError, match="union"):
+        ref.decode_scores(q[:, :, 0], k, d=4, group="union")
+
+
 def selectors():
     channels = torch.stack([torch.randperm(D) for _ in range(HKV)])
     return [peers.sparq_selector(2), peers.sparq_selector(2, shared=True), peers.quest_selector(4), peers.double_sparsity_selector(channels, 2)]

@@ -391,7 +391,7 @@ def decode_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, *, d: int, group: Gr
     """[B, R, S] float32 truncated scores of q_rot [B, H, D] over k_rot [B, Hkv, S, >= d]; R = H, or
     Hkv with the group's scores summed (group kv)."""
     if group == "union":
-        raise ValueError("group union is the prefill reference's (eval); decode selects per head or kv")
+        raise UserError("--group union is eval's only; decoding (generate, bench, the kernels) selects per head or kv")
     scores = truncated_scores(q_rot[:, :, None], k_rot, d)  # [B, H, 1, S]
     if group == "kv":
         scores = sum_groups(scores, k_rot.shape[1])
