@@ -17,7 +17,7 @@ from lokitool.evals.config import EvalConfig
 
 RESULT_FIELDS = {
     "method", "kf", "df", "variance", "basis", "budget", "sink", "group", "perplexity", "nll", "tokens",
-    "kept_fraction", "jaccard", "jaccard_per_layer", "seconds", "backend", "torch_layers", "d",
+    "kept_fraction", "jaccard", "jaccard_per_layer", "seconds", "backend", "torch_layers", "d", "page", "r", "bytes",
 }
 
 
@@ -81,6 +81,8 @@ def test_results_file_schema_and_numbers(tmp_path):
     assert all(full[k] is None for k in ("kf", "df", "d", "variance", "basis", "budget", "sink", "group", "backend"))
     assert (loki["kf"], loki["df"], loki["d"], loki["basis"], loki["backend"]) == (0.25, 0.5, 8, "post", "torch")
     assert h2o["df"] is None and h2o["basis"] is None and h2o["jaccard"] is None
+    # bytes per step: full 1; loki reads d = 8 of 16 dims of K (0.25) and 3 query heads' kept rows (3 x 0.25)
+    assert (full["bytes"], loki["bytes"], loki["r"], h2o["bytes"]) == (1.0, 1.0, 8, 0.75)
     assert full["tokens"] == loki["tokens"] == 2 * 39
     # perplexity is exp of the mean NLL, and full attention's equals the model's own cross entropy
     with torch.no_grad():

@@ -18,9 +18,9 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-COLUMNS = ("method", "kf", "df / v", "basis", "budget", "sink", "perplexity", "vs full", "kept", "jaccard")
+COLUMNS = ("method", "kf", "df / v", "basis", "budget", "sink", "bytes", "perplexity", "vs full", "kept", "jaccard")
 SQUEEZABLE = ("basis", "budget")  # may wrap; every other column keeps its values whole
-DROP_WHEN_NARROW = ("jaccard", "budget", "sink", "basis", "kept")  # in this order, while the table does not fit
+DROP_WHEN_NARROW = ("jaccard", "budget", "sink", "bytes", "basis", "kept")  # in this order, while the table does not fit
 
 
 def results_table(results, full: float | None, title: str, width: int | None = None) -> Table:
@@ -30,9 +30,9 @@ def results_table(results, full: float | None, title: str, width: int | None = N
     for r in results:
         dim = r.df if r.df is not None else r.variance
         rows.append((
-            r.method, _fmt(r.kf, "g"), _fmt(dim if r.method in ("loki", "random-basis") else None, "g"),
+            r.method, _fmt(r.kf, "g"), _fmt(dim if r.method in ("loki", "random-basis", "sparq", "double-sparsity") else None, "g"),
             r.basis if r.method == "loki" else "-", r.budget if r.method != "full" else "-",
-            str(r.sink) if r.method != "full" else "-", f"{r.perplexity:.3f}",
+            str(r.sink) if r.method != "full" else "-", _fmt(r.bytes), f"{r.perplexity:.3f}",
             _fmt(r.perplexity / full if full else None, ".3f"), _fmt(r.kept_fraction), _fmt(r.jaccard),
         ))
     widths = {col: max([len(row[i]) for row in rows] + [len(col) if col not in SQUEEZABLE else 1]) for i, col in enumerate(COLUMNS)}
@@ -58,14 +58,16 @@ def eval_command(
     model: str = typer.Option(EvalConfig.model, help="`default`, hub id[@revision], model folder or .gguf file."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration file from `lokitool calibrate` (needed by loki)."),
     dataset: str = typer.Option(EvalConfig.dataset, help="`default` = held-out newer State of the Union speeches; or a file/folder/hub spec."),
-    methods: str = typer.Option(listed(EvalConfig.methods), help="Comma-separated: full, loki, exact-topk, h2o, random-basis."),
+    methods: str = typer.Option(listed(EvalConfig.methods), help="Comma-separated: full, loki, exact-topk, h2o, random-basis, sparq, quest, double-sparsity."),
     kf: str = typer.Option(listed(EvalConfig.kf), help="Token budget fraction(s), comma-separated: a sweep."),
+    bytes_: str = typer.Option(listed(EvalConfig.bytes), "--bytes", help="Instead of --kf: bytes read per decode step (full = 1), comma-separated; each method's kf follows from it."),
+    page: int = typer.Option(EvalConfig.page, help="Quest's page size in tokens."),
     df: str = typer.Option(listed(EvalConfig.df), help="Dimension budget fraction(s) for loki / random-basis."),
     variance: str = typer.Option(listed(EvalConfig.variance), help="Instead of --df: per-layer d from explained-variance threshold(s)."),
     basis: str = typer.Option(listed(EvalConfig.basis), help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware)."),
     budget: str = typer.Option(listed(EvalConfig.budget), help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
     sink: str = typer.Option(listed(EvalConfig.sink), help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
-    group: str = typer.Option(EvalConfig.group, help="Selection per query head (head) or shared per KV head (kv)."),
+    group: str = typer.Option(EvalConfig.group, help="Selection per query head (head), or shared per KV head: scores summed (kv) or lists in turns (union)."),
     seq_len: int = typer.Option(EvalConfig.seq_len, help="Window length."),
     num_tokens: int = typer.Option(EvalConfig.num_tokens, help="Held-out tokens in all (non-overlapping windows)."),
     batch_size: int = typer.Option(EvalConfig.batch_size, help="Windows per forward pass."),
@@ -93,7 +95,7 @@ def eval_command(
         raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
     config = EvalConfig(
         model=model, calibration=calibration, dataset=dataset, methods=word_list(methods),
-        kf=float_list(kf, "--kf"), df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
+        kf=float_list(kf, "--kf"), bytes=float_list(bytes_, "--bytes"), page=page, df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
         basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, seq_len=seq_len, num_tokens=num_tokens,
         batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, bos=bos, backend=backend,
         encoding=encoding,

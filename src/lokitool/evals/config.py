@@ -27,6 +27,8 @@ class EvalConfig:
     budget: tuple[str, ...] = ("per-row",)
     sink: tuple[int, ...] = (0,)
     group: str = "head"
+    bytes: tuple[float, ...] = ()  # bytes per decode step (full = 1): each method's kf derived from it, instead of --kf
+    page: int = 16  # Quest's page size
     seq_len: int = 1024
     num_tokens: int = 8192
     batch_size: int = 1
@@ -45,12 +47,18 @@ class EvalConfig:
         for m in self.methods:
             if m not in EVAL_METHODS:
                 raise UserError(f"unknown method {m!r}; choose from {', '.join(EVAL_METHODS)}")
-        if any(m != "full" for m in self.methods) and not self.kf:
+        for b in self.bytes:
+            if not 0 < b <= 1:
+                raise UserError(f"--bytes must be in (0, 1], got {b}")
+        if self.bytes and self.variance:
+            raise UserError("--bytes needs --df, not --variance (d sets what scoring reads)")
+        if any(m != "full" for m in self.methods) and not (self.kf or self.bytes):
             raise UserError("give at least one --kf")
         if any(m in LOW_RANK for m in self.methods) and not (self.df or self.variance):
             raise UserError("low-rank methods need --df or --variance")
-        if "loki" in self.methods and self.calibration is None:
-            raise UserError("method loki needs --calibration FILE (make one with `lokitool calibrate`)")
+        for m in ("loki", "double-sparsity"):
+            if m in self.methods and self.calibration is None:
+                raise UserError(f"method {m} needs --calibration FILE (make one with `lokitool calibrate`)")
         if self.variance and self.calibration is None and any(m in LOW_RANK for m in self.methods):
             raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
         if self.batch_size < 1:
@@ -77,25 +85,39 @@ class EvalConfig:
                 check_basis(spec.loki.basis, calibration)
 
     def specs(self) -> list[MethodSpec]:
-        """Every point of the sweep, `full` first (once)."""
-        from ..sparse.attention import LOW_RANK, MethodSpec
+        """Every point of the sweep, `full` first (once). With `bytes`, each method's kf is the one that
+        spends that many bytes per decode step (sparse/peers.kf_for_bytes), else each of `kf`."""
+        from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec
+        from ..sparse.peers import kf_for_bytes
         from ..sparse.reference import LokiSpec
 
         out: list[MethodSpec] = []
         if "full" in self.methods:
             out.append(MethodSpec("full"))
         dims = [dict(df=v) for v in self.df] + [dict(df=None, variance=v) for v in self.variance]
+        points = [(None, b) for b in self.bytes] or [(kf, None) for kf in self.kf]
+
+        def kf_of(method: str, kf: float | None, budget_bytes: float | None, df: float | None) -> float:
+            return kf if budget_bytes is None else kf_for_bytes(method, budget_bytes, df=df, page=self.page)
+
         for budget in self.budget:
             for sink in self.sink:
-                for kf in self.kf:
-                    common = dict(kf=kf, budget=budget, sink=sink, group=self.group)
+                for kf, budget_bytes in points:
+                    common = dict(budget=budget, sink=sink, group=self.group)
                     for method in self.methods:
+                        page = self.page if method == "quest" else None
                         if method == "full":
                             continue
-                        if method not in LOW_RANK:
-                            out.append(MethodSpec(method, LokiSpec(df=None, **common)))
+                        if method not in DIM_SCANNERS:
+                            first_df = self.df[0] if self.df else None  # exact top-k under 0.5 bytes: the scanners' kf
+                            spec = LokiSpec(df=None, kf=kf_of(method, kf, budget_bytes, first_df), **common)
+                            out.append(MethodSpec(method, spec, page=page))
                             continue
-                        for basis in self.basis if method == "loki" else ("random",):
+                        bases = self.basis if method == "loki" else (("random",) if method in LOW_RANK else ("post",))
+                        for basis in bases:
                             for dim in dims:
-                                out.append(MethodSpec(method, LokiSpec(basis=basis, **dim, **common)))
+                                if method == "sparq" and dim["df"] is None:
+                                    continue  # SparQ's r comes from --df only
+                                kf_m = kf_of(method, kf, budget_bytes, dim["df"])
+                                out.append(MethodSpec(method, LokiSpec(basis=basis, kf=kf_m, **dim, **common)))
         return out

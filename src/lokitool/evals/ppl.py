@@ -13,7 +13,7 @@ from .. import results as results_file
 from ..calib.calibration import Calibration
 from ..calib.models import LoadedModel
 from ..fileio import atomic_path
-from ..sparse.attention import LOW_RANK, MethodSpec, patched, resolve_backend
+from ..sparse.attention import DIM_SCANNERS, MethodSpec, layer_dims, patched, resolve_backend
 from .config import EvalConfig
 
 
@@ -37,6 +37,9 @@ class Result:
     backend: str | None = None  # what ran the sparse attention (None for full: the model's own, or older files)
     torch_layers: list[int] | None = None  # with backend triton: layers the kernels cannot express, run on torch
     d: int | None = None  # dims scored, resolved from df (d = round(df x D), at least 1); None with --variance or no low rank
+    page: int | None = None  # Quest's page size
+    r: int | None = None  # dims of each key read to score (d for loki, r for sparq / double-sparsity; mean over layers)
+    bytes: float | None = None  # bytes read per decode step relative to full attention (sparse/peers.py)
 
 
 @torch.inference_mode()
@@ -73,8 +76,11 @@ def evaluate_spec(
         torch_layers = sorted(recorder.torch_layers) if backend == "triton" else None
         kept, jaccard = recorder.kept_fraction(), recorder.mean_jaccard()
         per_layer = recorder.jaccard_per_layer() if jaccard is not None else None
+    dims = layer_dims(spec, calibration, loaded.facts) if spec.method in DIM_SCANNERS else None
     return Result(
         **spec.fields(),
+        r=round(sum(dims) / len(dims)) if dims else None,
+        bytes=round(spec.step_bytes(loaded.facts, dims), 6),
         perplexity=math.exp(nll / count),
         nll=nll / count,
         tokens=count,
@@ -117,7 +123,9 @@ def write_results(config: EvalConfig, loaded: LoadedModel, calibration: Calibrat
         "results": [asdict(r) for r in results],
     }
     dated = results_file.write_results(config.output_path, "results", document)
-    if len({r.kf for r in results if r.kf is not None}) > 1:
+    if config.bytes:
+        plot_bytes(results, config.output_path / "bytes.png", title=f"{loaded.facts.model_id} on {dataset}")
+    elif len({r.kf for r in results if r.kf is not None}) > 1:
         plot_sweep(results, config.output_path / "sweep.png", title=f"{loaded.facts.model_id} on {dataset}")
     return dated
 
@@ -126,7 +134,7 @@ def _label(r: Result) -> str:
     parts = [r.method]
     if r.basis and r.method == "loki":
         parts.append(f"{r.basis}")
-    if r.df is not None and r.method in LOW_RANK:
+    if r.df is not None and r.method in DIM_SCANNERS:
         parts.append(f"df={r.df:g}" + (f" (d={r.d})" if r.d is not None else ""))
     if r.variance is not None:
         parts.append(f"v={r.variance:g}")
@@ -134,6 +142,8 @@ def _label(r: Result) -> str:
         parts.append(r.budget)
     if r.sink:
         parts.append(f"sink={r.sink}")
+    if r.group and r.group != "head":
+        parts.append(f"group={r.group}")
     return " ".join(parts)
 
 
@@ -166,3 +176,32 @@ def plot_sweep(results: Iterable[Result], path: Path, title: str) -> None:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
+
+
+def plot_bytes(results: Iterable[Result], path: Path, title: str) -> None:
+    """Perplexity against the bytes each method reads per decode step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        if r.method == "full":
+            ax.axhline(r.perplexity, color="black", linestyle="--", label=f"full ({r.perplexity:.2f}, bytes 1)")
+        elif r.bytes is not None:
+            lines.setdefault(_label(r), []).append((r.bytes, r.perplexity))
+    for label, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("bytes read per decode step (full attention = 1)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -24,12 +24,15 @@ from ..calib.dispatch import plain_causal, route_attention, visible_keys
 from ..calib.models import ModelFacts, attention_modules
 from ..calib.pca import rank_at_variance
 from ..errors import UserError
-from . import bases
+from . import bases, peers
 from . import reference as loki
 from .reference import LokiSpec
 
-EVAL_METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis")
-LOW_RANK = ("loki", "random-basis")
+EVAL_METHODS = ("full", "loki", "exact-topk", "h2o", "random-basis", "sparq", "quest", "double-sparsity")
+# Methods that score the first d dims of a basis (Double Sparsity's: its outlier channels, sparse/peers.py).
+LOW_RANK = ("loki", "random-basis", "double-sparsity")
+# Methods that read d = df x D dims of each key to score (SparQ: the largest |q_i| of each row).
+DIM_SCANNERS = peers.DIM_SCANNERS
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,15 @@ class MethodSpec:
 
     method: str
     loki: LokiSpec | None = None
+    page: int | None = None  # Quest's page size (tokens)
 
     def __post_init__(self) -> None:
         if self.method not in EVAL_METHODS:
             raise UserError(f"unknown method {self.method!r}; choose from {', '.join(EVAL_METHODS)}")
+        if self.method == "quest" and (self.page is None or self.page < 1):
+            raise UserError(f"--page must be a whole number >= 1, got {self.page}")
+        if self.method == "sparq" and self.loki is not None and self.loki.df is None:
+            raise UserError("method sparq needs --df (r = df x D dims per row)")
         if self.method != "full" and self.loki is None:
             raise UserError(f"method {self.method} needs --kf")
         if self.method in LOW_RANK and (self.loki.df is None) == (self.loki.variance is None):
@@ -49,16 +57,19 @@ class MethodSpec:
 
     @property
     def basis(self) -> str | None:
-        """The basis the method rotates into: the spec's for loki, random for random-basis."""
+        """The basis the method rotates into: the spec's for loki, random for random-basis, the
+        outlier channels for double-sparsity."""
         if self.method == "random-basis":
             return "random"
+        if self.method == "double-sparsity":
+            return "channels"
         return self.loki.basis if self.method == "loki" else None
 
     def fields(self) -> dict:
-        """The flat record of results files: method, kf, df, variance, basis, budget, sink, group
+        """The flat record of results files: method, kf, df, variance, basis, budget, sink, group, page
         (null where a field does not apply to the method)."""
         s = self.loki
-        low_rank = self.method in LOW_RANK
+        low_rank = self.method in DIM_SCANNERS
         return {
             "method": self.method,
             "kf": s.kf if s else None,
@@ -68,7 +79,22 @@ class MethodSpec:
             "budget": s.budget if s else None,
             "sink": s.sink if s else None,
             "group": s.group if s else None,
+            "page": self.page if self.method == "quest" else None,
         }
+
+    def step_bytes(self, facts: ModelFacts, dims: list[int] | None = None) -> float:
+        """Bytes read per decode step relative to full attention (sparse/peers.py's byte model): scoring
+        reads the mean d / D of `dims` (SparQ per query head under group head), attention rows x kf."""
+        s, m = self.loki, self.method
+        if m == "full":
+            return 1.0
+        group_size = facts.num_heads // facts.num_kv_heads
+        per_head = s.group == "head" or m == "h2o"  # h2o selects per query head whatever the group
+        if m in DIM_SCANNERS:
+            scan = sum(dims) / len(dims) / facts.head_dim * (group_size if m == "sparq" and per_head else 1)
+        else:
+            scan = peers.scan_fraction(m, df=None, page=self.page)
+        return peers.step_bytes(m, s.kf, scan=scan, rows=group_size if per_head else 1)
 
 
 @dataclass
@@ -95,6 +121,8 @@ def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFa
     """d per layer: spec.dims(D), or the largest rank over KV heads at the variance threshold."""
     if spec.loki.df is not None:
         return [spec.loki.dims(facts.head_dim)] * facts.num_layers
+    if spec.method == "sparq":
+        raise UserError("sparq needs --df")
     if calibration is None:
         raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
     kind = spec.basis.removeprefix("qa-") if spec.basis in ("pre", "post", "qa-pre", "qa-post") else "post"
@@ -105,6 +133,10 @@ def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFa
 def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelFacts, dims: list[int]) -> torch.Tensor:
     """Orthonormal bases [L, Hkv, D, D], directions as columns (a query-aware basis depends on d)."""
     name = spec.basis
+    if name == "channels":
+        if calibration is None:
+            raise UserError("double-sparsity needs --calibration FILE (its channels come from the query and key moments)")
+        return peers.channel_basis(calibration).float()
     shape = (facts.num_layers, facts.num_kv_heads, facts.head_dim)
     by_d = {d: bases.basis_for(name, calibration, d, shape) for d in sorted(set(dims))}
     return torch.stack([by_d[d][i] for i, d in enumerate(dims)]).float()
@@ -120,9 +152,13 @@ def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None
         selector = loki.exact_topk_selector()
     elif spec.method in LOW_RANK:
         selector = loki.loki_selector(basis, d, name=spec.method)
+    elif spec.method == "sparq":
+        selector = peers.sparq_selector(d, shared=spec.loki.group != "head")
+    elif spec.method == "quest":
+        selector = peers.quest_selector(spec.page)
     else:
         selector = loki.full_selector()
-    compare = spec.method in LOW_RANK
+    compare = spec.method not in ("exact-topk", "full")
 
     def on_torch(q, k, v, scaling, **shape):
         return loki.sparse_attention(q, k, v, selector=selector, scaling=scaling, compare_exact=compare, **shape, **common)
@@ -164,12 +200,13 @@ def patched(
     backend: `torch` (loki.py, the reference) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
     if calibration is not None:
         calibration.check_shape(facts)
-    # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`
-    if spec.method in ("h2o", "full"):
+    # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`;
+    # SparQ, Quest (sparse/peers.py) and union groups are the reference's only
+    if spec.method in ("h2o", "full", "sparq", "quest") or (spec.loki is not None and spec.loki.group == "union"):
         backend = "torch"
     recorder = Recorder(layers=[loki.SelectionStats() for _ in range(facts.num_layers)], backend=backend)
     low_rank = spec.method in LOW_RANK
-    dims = layer_dims(spec, calibration, facts) if low_rank else [None] * facts.num_layers
+    dims = layer_dims(spec, calibration, facts) if spec.method in DIM_SCANNERS else [None] * facts.num_layers
     layer_basis = layer_bases(spec, calibration, facts, dims) if low_rank else None
     layers = attention_modules(model)
 

@@ -39,9 +39,9 @@ import torch
 from ..errors import UserError
 
 Budget = Literal["per-row", "window"]
-Group = Literal["head", "kv"]
+Group = Literal["head", "kv", "union"]
 BUDGETS = ("per-row", "window")
-GROUPS = ("head", "kv")
+GROUPS = ("head", "kv", "union")
 # Bases a Loki run can rotate into: PCA of the keys before / after RoPE, the query-aware fits of
 # each (sparse/bases.py), and a Haar-random basis (what any basis must beat).
 BASES = ("pre", "post", "qa-pre", "qa-post", "random")
@@ -78,7 +78,8 @@ class LokiSpec:
     `variance`: d per layer as the rank at this explained-variance threshold (exactly one of the two
     for low-rank selection; neither matters to selectors that score with all dims); basis: what
     keys and queries are rotated into; budget: per-row or window; sink: first keys always kept;
-    group: one selection per query head (head) or shared by the query heads of a KV head (kv)."""
+    group: one selection per query head (head), or one per KV head from its query heads' scores
+    summed (kv) or their kept lists taken in turns (union: see `union_scores`)."""
 
     kf: float = 0.25
     df: float | None = 0.25
@@ -100,7 +101,7 @@ class LokiSpec:
         if self.budget not in BUDGETS:
             raise UserError(f"--budget must be per-row or window, got {self.budget!r}")
         if self.group not in GROUPS:
-            raise UserError(f"--group must be head or kv, got {self.group!r}")
+            raise UserError(f"--group must be one of {', '.join(GROUPS)}, got {self.group!r}")
         if self.sink < 0:
             raise UserError(f"--sink must be >= 0, got {self.sink}")
 
@@ -175,6 +176,29 @@ def group_scores(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     b, h, r, s = scores.shape
     summed = sum_groups(scores, num_kv_heads)[:, :, None]
     return summed.expand(b, num_kv_heads, h // num_kv_heads, r, s).reshape(b, h, r, s)
+
+
+def union_scores(scores: torch.Tensor, num_kv_heads: int, visible: torch.Tensor) -> torch.Tensor:
+    """Shared selection per KV head by turns (group union): [B, H, b, Sk] scores -> [B, H, b, Sk] float64
+    whose top-k is, for any k, every query head's best visible key, then every head's second best, ...
+    (a key already taken is skipped; within a turn the lower head goes first). visible: bool,
+    broadcastable to scores."""
+    b, h, rows, sk = scores.shape
+    g = h // num_kv_heads
+    order = scores.masked_fill(~visible, NEG_INF).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(sk, device=scores.device).expand_as(order))
+    turn = rank.reshape(b, num_kv_heads, g, rows, sk) * g + torch.arange(g, device=scores.device)[:, None, None]
+    first = turn.amin(2, keepdim=True).expand(b, num_kv_heads, g, rows, sk).reshape(b, h, rows, sk)
+    return -first.double()
+
+
+def shared_scores(scores: torch.Tensor, group: Group, num_kv_heads: int, visible: torch.Tensor) -> torch.Tensor:
+    """The scores `select` ranks under a group mode: as they are (head), summed (kv) or by turns (union)."""
+    if group == "kv":
+        return group_scores(scores, num_kv_heads)
+    if group == "union":
+        return union_scores(scores, num_kv_heads, visible)
+    return scores
 
 
 def select_visible(scores: torch.Tensor, visible: torch.Tensor, budgets: torch.Tensor, sink: int = 0) -> torch.Tensor:
@@ -252,11 +276,14 @@ def attend(
 @dataclass(frozen=True)
 class Selector:
     """How one method scores keys: `prepare(k)` once per layer call (e.g. rotate and truncate the
-    keys), then `score(q_block, prepared)` -> [B, H, b, Sk]. `score` None keeps every causal key."""
+    keys), then `score(q_block, prepared)` -> [B, H, b, Sk]. `score` None keeps every causal key.
+    positional: `score(q_block, prepared, positions)`, for scores that depend on the row's position
+    (Quest's partial last page)."""
 
     name: str
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda k: k
-    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    score: Callable[..., torch.Tensor] | None = None
+    positional: bool = False
 
 
 def loki_selector(basis: torch.Tensor, d: int, name: str = "loki") -> Selector:
@@ -364,14 +391,13 @@ def sparse_attention(
         if selector.score is None:
             keep = visible.expand(b, h, -1, -1)
         else:
-            scores = selector.score(qb, prepared)
-            if spec.group == "kv":
-                scores = group_scores(scores, hkv)
+            scores = selector.score(qb, prepared, positions) if selector.positional else selector.score(qb, prepared)
+            scores = shared_scores(scores, spec.group, hkv, visible)
             keep = select_visible(scores, visible, budgets, spec.sink)
         exact = exact_scores(qb, k)
         exact_keep = None
         if stats is not None and compare_exact and selector.score is not None:
-            ranking = group_scores(exact, hkv) if spec.group == "kv" else exact
+            ranking = shared_scores(exact, spec.group, hkv, visible)
             exact_keep = select_visible(ranking, visible, budgets, spec.sink)
         if stats is not None:
             stats.add(keep, positions, exact_keep, visible)
@@ -435,6 +461,8 @@ def decode_budget(lengths: torch.Tensor, kf: float) -> torch.Tensor:
 def decode_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, *, d: int, group: Group = "head") -> torch.Tensor:
     """[B, R, S] float32 truncated scores of q_rot [B, H, D] over k_rot [B, Hkv, S, >= d]; R = H, or
     Hkv with the group's scores summed (group kv)."""
+    if group == "union":
+        raise UserError("--group union is eval's only; decoding (generate, bench, the kernels) selects per head or kv")
     scores = truncated_scores(q_rot[:, :, None], k_rot, d)  # [B, H, 1, S]
     if group == "kv":
         scores = sum_groups(scores, k_rot.shape[1])
