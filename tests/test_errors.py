@@ -486,9 +486,9 @@ def test_eval_table_never_truncates_numbers():
 
     rows = [
         SimpleNamespace(method="full", kf=None, df=None, variance=None, basis=None, budget=None, sink=None,
-                        perplexity=24.0123456, kept_fraction=1.0, jaccard=None),
+                        bytes=1.0, perplexity=24.0123456, kept_fraction=1.0, jaccard=None),
         SimpleNamespace(method="random-basis", kf=0.125, df=0.25, variance=None, basis="random", budget="per-row", sink=4,
-                        perplexity=12345.678, kept_fraction=0.1234, jaccard=0.5),
+                        bytes=0.25, perplexity=12345.678, kept_fraction=0.1234, jaccard=0.5),
     ]
     console = Console(width=80, record=True, file=io.StringIO())
     console.print(results_table(rows, 24.0123456, "perplexity on sotu:heldout (8,192 predicted tokens)", 80))

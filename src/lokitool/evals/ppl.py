@@ -64,7 +64,7 @@ def evaluate_spec(
 
     start = time.perf_counter()
     torch_layers = None
-    d = spec.loki.dims(loaded.facts.head_dim) if spec.method in LOW_RANK and spec.loki.df is not None else None
+    d = spec.loki.dims(loaded.facts.head_dim) if spec.method in DIM_SCANNERS and spec.loki.df is not None else None
     if spec.method == "full":
         nll, count = window_nll(loaded.model, tokens, batch_size)  # the model's own attention
         kept, jaccard, per_layer = 1.0, None, None
