@@ -132,8 +132,8 @@ def run(config: EvalConfig, names: tuple[str, ...], loaded: LoadedModel, calibra
         lm = cls(loaded=loaded, method=spec, calibration=calibration)
         for task, metrics in evaluate(lm, tasks, include, limit).items():
             for key, value in metrics.items():
-                metric, _, _filter = key.partition(",")
-                if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                metric, comma, _filter = key.partition(",")  # "acc,none": metric, filter
+                if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                     continue
                 rows.append({**spec.fields(), "label": label(spec), "task": task, "metric": key, "value": float(value),
                              "kept_fraction": lm.kept_fraction, "limit": limit})
