@@ -60,7 +60,7 @@ def _run_tasks(config: TaskConfig, loaded, cal, num_specs: int) -> None:
                   f"({'sparse' if config.sparse_prefill else 'full'} prefill, sparse decode)")
 
     def report(r) -> None:
-        console.print(f"  {r.task:<10} {r.length:>6} depth {longctx._depth(r.depth):<4} {r.label:<28} score {r.score:.2f}"
+        console.print(f"  {r.task:<10} {r.length:>6} depth {longctx.depth_label(r.depth):<4} {r.label:<28} score {r.score:.2f}"
                       f"  kept {r.kept_fraction if r.kept_fraction is None else round(r.kept_fraction, 3)}  {r.answers[0][:40]!r}")
 
     results = longctx.run(config, loaded, cal, on_result=report)
@@ -71,7 +71,7 @@ def _run_tasks(config: TaskConfig, loaded, cal, num_specs: int) -> None:
         table.add_column(col, justify="left" if col == "task" else "right")
     by = {(r.task, r.length, r.depth, r.label): r.score for r in results}
     for task, length, depth in dict.fromkeys((r.task, r.length, r.depth) for r in results):
-        table.add_row(task, str(length), longctx._depth(depth), *(f"{by.get((task, length, depth, m), float('nan')):.2f}" for m in labels))
+        table.add_row(task, str(length), longctx.depth_label(depth), *(f"{by.get((task, length, depth, m), float('nan')):.2f}" for m in labels))
     means = [sum(r.score for r in results if r.label == m) / sum(r.label == m for r in results) for m in labels]
     table.add_row("mean", "", "", *(f"{v:.2f}" for v in means))
     out.print(table)

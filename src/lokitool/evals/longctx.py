@@ -191,7 +191,7 @@ def run(config: TaskConfig, loaded: LoadedModel, calibration: Calibration | None
 # Reporting
 
 
-def _depth(d: float | None) -> str:
+def depth_label(d: float | None) -> str:
     return "-" if d is None else f"{d:g}"
 
 
@@ -203,7 +203,7 @@ def table_markdown(results: list[TaskResult]) -> str:
     lines = ["| task | tokens | depth | " + " | ".join(labels) + " |", "|---|---:|---:|" + "---:|" * len(labels)]
     for task, length, depth in rows:
         cells = [f"{by[(task, length, depth, m)].score:.2f}" if (task, length, depth, m) in by else "-" for m in labels]
-        lines.append(f"| {task} | {length} | {_depth(depth)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {length} | {depth_label(depth)} | " + " | ".join(cells) + " |")
     means = [sum(r.score for r in results if r.label == m) / sum(1 for r in results if r.label == m) for m in labels]
     lines.append("| **mean** | | | " + " | ".join(f"**{v:.2f}**" for v in means) + " |")
     kept = []
@@ -234,9 +234,10 @@ def plot_heatmaps(results: list[TaskResult], out_dir: Path, title: str) -> list[
             for r in rs:
                 grid[lengths.index(r.length), depths.index(r.depth)] = r.score
             ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-            for (i, j), v in ((ij, grid[ij].item()) for ij in [(i, j) for i in range(len(lengths)) for j in range(len(depths))]):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-            ax.set_xticks(range(len(depths)), [_depth(d) for d in depths])
+            for i in range(len(lengths)):
+                for j in range(len(depths)):
+                    ax.text(j, i, f"{grid[i, j].item():.2f}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(depths)), [depth_label(d) for d in depths])
             ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
             ax.set_xlabel("depth")
             ax.set_title(task)
