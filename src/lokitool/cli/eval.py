@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UserError
-from ..evals.config import EvalConfig
+from ..evals.config import EvalConfig, TaskConfig
 from .app import app, console, out
 from .options import Device, Dtype, float_list, listed, word_list
 
@@ -78,6 +78,15 @@ def eval_command(
     backend: str = typer.Option(EvalConfig.backend, help="Sparse attention by torch (the reference) or triton (the kernels; CUDA, 16-bit); auto: triton when it can."),
     encoding: str = typer.Option(EvalConfig.encoding, help="Encoding of local .txt/.jsonl text (e.g. latin-1)."),
     allow_other_model: bool = typer.Option(False, "--allow-other-model", help="Use a calibration made for other weights of the same attention shape (e.g. the base of a fine-tune)."),
+    tasks: str = typer.Option("", "--tasks", help="Synthetic long-context tasks, comma-separated: niah, niah-word, niah-uuid, multikey, multivalue, vt, cwe, passkey."),
+    lm_eval: str = typer.Option("", "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (needs the lmeval extra)."),
+    lengths: str = typer.Option(listed(TaskConfig.lengths), help="--tasks: prompt lengths in tokens, comma-separated."),
+    depths: str = typer.Option(listed(TaskConfig.depths), help="--tasks: where the needle sits, fractions of the context in [0, 1]."),
+    samples: int = typer.Option(TaskConfig.samples, help="--tasks: samples per task, length and depth."),
+    seed: int = typer.Option(TaskConfig.seed, help="--tasks: seed of the first sample."),
+    sparse_prefill: bool = typer.Option(False, "--sparse-prefill", help="--tasks: apply the method to the context too (default: full prefill, sparse decode)."),
+    haystack: Optional[Path] = typer.Option(None, help="--tasks: a text file to hide needles in (default: held-out speeches)."),
+    limit: Optional[int] = typer.Option(None, help="--lm-eval: at most this many documents per task."),
 ) -> None:
     """Perplexity with full attention, Loki and baselines, on held-out text."""
     from ..calib.calibration import Calibration
@@ -87,8 +96,17 @@ def eval_command(
     from ..fileio import ensure_writable_dir
     from ..sparse.attention import resolve_backend
 
+    if tasks or lm_eval:
+        from .eval_tasks import eval_tasks
+
+        return eval_tasks(
+            ppl=ppl, tasks=tasks, lm_eval=lm_eval, lengths=lengths, depths=depths, samples=samples, seed=seed,
+            sparse_prefill=sparse_prefill, haystack=haystack, limit=limit, model=model, calibration=calibration,
+            methods=methods, kf=kf, df=df, variance=variance, basis=basis, budget=budget, sink=sink, group=group,
+            batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, backend=backend,
+        )
     if not ppl:
-        raise UserError("say what to evaluate: --ppl")
+        raise UserError("say what to evaluate: --ppl, --tasks TASKS or --lm-eval TASKS")
     try:
         sinks = tuple(int(x) for x in word_list(sink))
     except ValueError as err:

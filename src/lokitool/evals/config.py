@@ -121,3 +121,31 @@ class EvalConfig:
                                 kf_m = kf_of(method, kf, budget_bytes, dim["df"])
                                 out.append(MethodSpec(method, LokiSpec(basis=basis, kf=kf_m, **dim, **common)))
         return out
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The settings of `lokitool eval --tasks`: which synthetic tasks, at which lengths and depths,
+    under the methods of `eval` (an EvalConfig: methods, budgets, calibration, model, output)."""
+
+    eval: EvalConfig
+    tasks: tuple[str, ...] = ("niah", "multikey", "vt", "cwe")
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    samples: int = 1  # samples per (task, length, depth), seeds seed .. seed + samples - 1
+    seed: int = 0
+    sparse_prefill: bool = False  # apply the method to the context too, not only to the decode
+    haystack: Path | None = None  # a text file; None = the held-out speeches
+
+    def __post_init__(self) -> None:
+        from .tasks import check_request
+
+        check_request(self.tasks, self.lengths, self.depths, None)
+        if not self.tasks or not self.lengths or not self.depths:
+            raise UserError("give at least one of each: --tasks, --lengths, --depths")
+        if self.samples < 1:
+            raise UserError(f"--samples must be at least 1, got {self.samples}")
+        if self.eval.variance:
+            raise UserError("--tasks decodes with a fixed d: give --df, not --variance")
+        if "window" in self.eval.budget:
+            raise UserError("--tasks decodes with per-row budgets (k = kf x context): drop --budget window")
