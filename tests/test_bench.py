@@ -105,7 +105,7 @@ def test_one_preset_table_holds_every_shape_bench_and_e2e_name():
         (["--num-heads", "10", "--num-kv-heads", "4"], "not a multiple"),
         (["--kf", "1.5"], "--kf must be in (0, 1], got 1.5"),
         (["--dtype", "float8"], "--dtype float8 is not supported"),
-        (["--group", "layer"], "--group must be head or kv, got 'layer'"),
+        (["--group", "layer"], "--group must be one of head, kv, union, got 'layer'"),
     ],
 )
 def test_bad_flags_fail_in_one_line(args, message, capsys, tmp_path):

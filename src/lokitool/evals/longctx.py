@@ -43,6 +43,7 @@ class TaskResult:
     budget: str | None
     sink: int | None
     group: str | None
+    page: int | None  # Quest's page size
     label: str
     task: str
     length: int  # target tokens
