@@ -8,6 +8,7 @@ import pytest
 
 from lokitool.errors import UserError
 from lokitool.report import settings
+from lokitool.sparse.reference import dims_for
 
 # ----------------------------------------------------------------------------------------------
 # thresholds
@@ -37,7 +38,8 @@ def test_parse_dims_and_rounding():
     assert settings.parse_dims("0.5, 0.25,0.5") == (0.25, 0.5)
     assert settings.budget_dims((0.25, 0.5), 64) == (16, 32)
     assert settings.budget_dims((0.25, 0.3, 1.0), 8) == (2, 8)  # 2.4 rounds to 2: one d
-    assert settings.budget_dims((0.3125, 0.01), 8) == (1, 3)  # 2.5 rounds up; never below 1
+    # a tie (2.5) rounds as Loki rounds it (sparse.reference.dims_for decides how); never below 1
+    assert settings.budget_dims((0.3125, 0.01), 8) == (1, dims_for(0.3125, 8))
     for text, words in (("16", "outside (0, 1]"), ("a", "'a' is not a number; give fractions such as --dims"), ("", "no dimension fraction")):
         with pytest.raises(UserError, match=re.escape(words)):
             settings.parse_dims(text)

@@ -15,14 +15,14 @@ d = A's rank at the reference threshold (0.9 when asked for, else the middle one
 - own variance: the same share for B's own top-d subspace, the most any d directions can capture.
 
 Score variance captured (files calibrated with query statistics), per layer, KV head and kind, at
-each d = round(f * D) for the `--dims` fractions f: how much of what Loki ranks keys by survives
-truncating scores to the first d directions of a basis U (see sparse/bases.py),
+each d that Loki uses for the `--dims` fractions f (`sparse.reference.dims_for`, d = round(f * D)):
+how much of what Loki ranks keys by survives truncating scores to the first d directions of a
+basis U (see sparse/bases.py),
     1 - tr((I - U_d U_d^T) C (I - U_d U_d^T) S) / tr(CS),   C key covariance, S = E[q q^T],
 for three bases (SCORE_BASES): `pca` (Loki's), `random` (Haar, seed 0) and `query_aware` (minimises
-the error for that d). 1 means the truncated
-scores vary across keys exactly as the full ones; a basis that mixes high-variance key directions
-into the queries' directions can score below 0. Next to them, `key_variance` is PCA's explained
-variance at d, the cumulative eigenvalue share.
+the error for that d). 1 means the truncated scores vary across keys exactly as the full ones; a
+basis that mixes high-variance key directions into the queries' directions can score below 0. Next
+to them, `key_variance` is PCA's explained variance at d, the cumulative eigenvalue share.
 """
 
 from __future__ import annotations

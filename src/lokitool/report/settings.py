@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from ..errors import UserError
+from ..sparse.reference import dims_for
 
 DEFAULT_VARIANCE = "0.8,0.9,0.95"
 DEFAULT_DIMS = "0.25,0.5"
@@ -40,8 +40,8 @@ def parse_dims(text: str) -> tuple[float, ...]:
 
 
 def budget_dims(fractions: Sequence[float], head_dim: int) -> tuple[int, ...]:
-    """Fractions of D -> distinct d = round(f * D) (halves up), at least 1: (0.25, 0.5), 64 -> (16, 32)."""
-    return tuple(sorted({max(1, math.floor(f * head_dim + 0.5)) for f in fractions}))
+    """Fractions of D -> the distinct d that Loki would use for them (`sparse.reference.dims_for`), ascending."""
+    return tuple(sorted({dims_for(f, head_dim) for f in fractions}))
 
 
 def reference_threshold(variance: Sequence[float]) -> float:
