@@ -76,9 +76,15 @@ def query_aware_subspace(
     batch once it stalls (see STALL). Both ends and both starts are then scored in float64 and the best
     is returned, so the result is never worse than PCA. The steps run in float32 on the CPU (half the
     time of float64) and in float64 on a GPU, where float32 products may run as TF32, too coarse here.
-    On the CPU they run on one thread: thousands of small products, whose hand-offs between threads
-    cost more than they save (ten times the single-thread time when other work shares the cores).
+    On the CPU the fit runs on one thread: thousands of small products, whose hand-offs between threads
+    cost more than they save (five to ten times the single-thread time when other jobs share the cores).
     """
+    with _one_cpu_thread():
+        return _fit(c, s, d, max_steps, window, stall)
+
+
+def _fit(c: torch.Tensor, s: torch.Tensor, d: int, max_steps: int, window: int, stall: float) -> torch.Tensor:
+    """query_aware_subspace's work, on the threads it was given."""
     lead, dim = c.shape[:-2], c.shape[-1]
     c = c.to(torch.float64).reshape(-1, dim, dim)  # [N, D, D]
     s = s.to(device=c.device, dtype=torch.float64).reshape(-1, dim, dim)
@@ -91,8 +97,7 @@ def query_aware_subspace(
     s_rot = v.transpose(-1, -2) @ s @ v  # S in C's eigenbasis, with tr(diag(lam) s_rot) = 1
     pca = torch.eye(dim, d, dtype=torch.float64, device=c.device).expand(len(c), dim, d)
     tilted = _top(s_rot * (lam[:, :, None] + lam[:, None, :]) / 2, d)  # (CS + SC)/2 in that basis
-    with _one_cpu_thread():
-        ends = _descend(lam.repeat(2, 1), s_rot.repeat(2, 1, 1), torch.cat([tilted, pca]), max_steps, window, stall)
+    ends = _descend(lam.repeat(2, 1), s_rot.repeat(2, 1, 1), torch.cat([tilted, pca]), max_steps, window, stall)
     candidates = orthonormalize(torch.stack([*ends.to(torch.float64).chunk(2), tilted, pca]))  # [4, N, D, d]
     lam_diag = torch.diag_embed(lam)
     best = truncation_error(candidates, lam_diag, s_rot).argmin(0)  # [N]
