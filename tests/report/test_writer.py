@@ -145,3 +145,26 @@ def test_cli_bad_input_is_one_line(tmp_path, two_files, capsys, case):
     assert code == 2
     assert err.startswith("error:") and expected in err and err.count("\n") == 1
     assert not (target / "report.json").exists()
+
+
+def test_cli_reads_stored_query_aware_bases_instead_of_fitting(tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from lokitool.calib import calibration as calibration_module
+    from lokitool.report.numbers import score_variances
+
+    cal, _ = with_queries(BLIND)
+    fitted = {(sv.kind, sv.d): sv.captured["query_aware"] for sv in score_variances(cal, (2, 4))}
+    stored = replace(cal, query_aware={kind: {d: cal.fit_query_aware(kind, d) for d in (2, 4)} for kind in ("pre", "post")})
+    stored.save(tmp_path / "stored.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fitted a query-aware basis that the file stores")
+
+    monkeypatch.setattr(calibration_module, "query_aware_subspace", refuse)
+    code, _, err = run_cli(["rank-report", str(tmp_path / "stored.safetensors"), "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "out" / "report.json").read_text())["calibrations"][0]["score_variance"]
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:  # the same numbers as with bases fitted in this process
+        assert row["query_aware"] == pytest.approx(fitted[(row["kind"], row["d"])][row["layer"]].tolist(), abs=1e-5)

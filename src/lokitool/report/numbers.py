@@ -20,9 +20,10 @@ how much of what Loki ranks keys by survives truncating scores to the first d di
 basis U (see sparse/bases.py),
     1 - tr((I - U_d U_d^T) C (I - U_d U_d^T) S) / tr(CS),   C key covariance, S = E[q q^T],
 for three bases (SCORE_BASES): `pca` (Loki's), `random` (Haar, seed 0) and `query_aware` (minimises
-the error for that d). 1 means the truncated scores vary across keys exactly as the full ones; a
-basis that mixes high-variance key directions into the queries' directions can score below 0. Next
-to them, `key_variance` is PCA's explained variance at d, the cumulative eigenvalue share.
+the error for that d; read from the file where `calibrate` stored it). 1 means the truncated scores
+vary across keys exactly as the full ones; a basis that mixes high-variance key directions into the
+queries' directions can score below 0. Next to them, `key_variance` is PCA's explained variance at
+d, the cumulative eigenvalue share.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def has_query_statistics(calibration: Calibration) -> bool:
 def score_variances(
     calibration: Calibration, dims: Sequence[int], progress: Progress | None = None, name: str = ""
 ) -> tuple[ScoreVariance, ...]:
-    """Score variance captured by each basis at each d, per kind; one query-aware fit per (kind, d)."""
+    """Score variance captured by each basis at each d, per kind; the query-aware bases come from the file
+    (or one fit per (kind, d) where it has none)."""
     facts = calibration.facts
     random = random_basis(facts.num_layers, facts.num_kv_heads, facts.head_dim)  # [L, H, D, D]
     out, step = [], 0

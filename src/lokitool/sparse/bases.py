@@ -10,8 +10,9 @@ the span of U (D x d, orthonormal, projector Pi = U U^T) leaves the score error
 - `pca` (Loki): the top-d eigenvectors of C. Optimal when queries weigh all directions alike (S = sI).
 - `query-aware` (`qa`): U minimising E(U) itself (calib/query_aware.py: gradient descent on the
   Grassmann manifold from PCA and from the top eigenvectors of (CS + SC)/2, the exact answer when
-  C and S commute); never worse than PCA. Same cache, same cost as Loki: keys are stored rotated
-  and the first d dimensions are read.
+  C and S commute); never worse than PCA. `calibrate` stores it for the usual budgets d; other d
+  are fitted once per process. Same cache, same cost as Loki: keys are stored rotated and the
+  first d dimensions are read.
 - `random`: a Haar-random orthonormal basis: what any basis must beat.
 
 `score_variance_captured` reports 1 - E(U)/tr(CS): the share of the per-query score variance over
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..calib.calibration import Calibration
-from ..calib.query_aware import complete_basis, query_aware_subspace, trace_product, truncation_error
+from ..calib.query_aware import trace_product, truncation_error
 from ..errors import UserError
 
 BASES = ("pre", "post", "qa-pre", "qa-post")
@@ -48,15 +49,8 @@ def score_variance_captured(basis: torch.Tensor, c: torch.Tensor, s: torch.Tenso
 
 
 def query_aware_basis(calibration: Calibration, kind: str, d: int) -> torch.Tensor:
-    """The `qa` basis [L, Hkv, D, D] for a dimension budget d, from the file's C and S."""
-    if kind not in calibration.query_moment:
-        raise UserError(
-            "this calibration file has no query statistics; recalibrate with a current lokitool "
-            "(queries are collected unless --no-queries)"
-        )
-    c = calibration.pca[kind].covariance()
-    s = calibration.query_moment[kind].to(torch.float64)
-    return complete_basis(query_aware_subspace(c, s, d))
+    """The `qa` basis [L, Hkv, D, D] for a dimension budget d: stored in the file, else fitted once per process."""
+    return calibration.query_aware_basis(kind, d)
 
 
 def basis_for(name: str, calibration: Calibration | None, d: int, shape: tuple[int, int, int]) -> torch.Tensor:
