@@ -60,7 +60,7 @@ class Calibration:
         """The query-aware basis for budget d, directions as columns: [L, H_kv, D, D] float64.
 
         Its first d columns span the stored subspace when the file has one for (kind, d); otherwise
-        the subspace is fitted here, once per process."""
+        the subspace is fitted here. Either way once per (kind, d): later calls return the same tensor."""
         if kind not in self.query_moment:
             raise UserError(
                 "this calibration file has no query statistics; recalibrate with a current lokitool "

@@ -145,6 +145,7 @@ def _descend(lam: torch.Tensor, s: torch.Tensor, u: torch.Tensor, max_steps: int
         ok = cand_err <= ref - _ARMIJO * step * (g * g).sum((-1, -2))
         ds, dg = cand - u, cand_g - g
         sy = (ds * dg).sum((-1, -2)).abs().clamp_min(1e-30)
+        # Barzilai-Borwein step for the next try, the long and the short form in turn
         bb = (ds * ds).sum((-1, -2)) / sy if k % 2 else sy / (dg * dg).sum((-1, -2)).clamp_min(1e-30)
         u = torch.where(ok[:, None, None], cand, u)
         g = torch.where(ok[:, None, None], cand_g, g)
