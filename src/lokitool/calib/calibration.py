@@ -6,14 +6,21 @@ One safetensors file. For every layer i and kind in (pre, post) RoPE:
     layers.{i}.{kind}.mean          [H_kv, D]
     layers.{i}.{kind}.query_moment  [H_kv, D, D]  E[q q^T] over the query heads of each KV group
                                                   (optional: absent when queries were not collected)
+    layers.{i}.{kind}.qa_basis.d{d} [H_kv, d, D]  qa_basis[h, j] = j-th direction (unit, orthonormal)
+                                                  of the query-aware subspace for budget d
+                                                  (calib/query_aware.py), fitted from the stored C
+                                                  and S for d = dims_for(f, D), f in QA_FRACTIONS;
+                                                  absent without query_moment and in version-1 files
 Header metadata: `format`, `format_version`, and `lokitool`, a JSON object with the model's
 facts, the dataset, token counts, window length, BOS choice, dtype, device, date and versions.
+Version 2 added qa_basis; version-1 files load, and their query-aware bases are fitted when asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +31,13 @@ from ..errors import UserError
 from ..fileio import atomic_path, disk_error
 from .models import ModelFacts, describe_identity, same_identity
 from .pca import PCA
+from .query_aware import complete_basis, orthonormalize, query_aware_subspace
 
 FORMAT = "lokitool-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: query-aware subspaces stored (qa_basis); 1 loads too
 KINDS = ("pre", "post")
+QA_FRACTIONS = (0.125, 0.25, 0.5)  # budgets d / D whose query-aware subspaces `calibrate` stores
+_QA_NAME = re.compile(r"layers\.0\.(pre|post)\.qa_basis\.d(\d+)")
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,9 @@ class Calibration:
     info: dict[str, Any]  # dataset, num_tokens, seq_len, bos, dtype, device, date, versions
     pca: dict[str, PCA]  # "pre" / "post"
     query_moment: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L, H_kv, D, D]
+    query_aware: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # kind -> d -> [L, H_kv, d, D] rows
+    # Full query-aware bases handed out in this process, by (kind, d): each is fitted or completed once.
+    _qa_bases: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------
     def basis(self, kind: str) -> torch.Tensor:
@@ -43,6 +56,31 @@ class Calibration:
         if kind not in self.pca:
             raise UserError(f"unknown basis kind {kind!r}; use pre or post")
         return self.pca[kind].basis()
+
+    def query_aware_basis(self, kind: str, d: int) -> torch.Tensor:
+        """The query-aware basis for budget d, directions as columns: [L, H_kv, D, D] float64.
+
+        Its first d columns span the stored subspace when the file has one for (kind, d); otherwise
+        the subspace is fitted here. Either way once per (kind, d): later calls return the same tensor."""
+        if kind not in self.query_moment:
+            raise UserError(
+                "this calibration file has no query statistics; recalibrate with a current lokitool "
+                "(queries are collected unless --no-queries)"
+            )
+        if (kind, d) not in self._qa_bases:
+            rows = self.query_aware.get(kind, {}).get(d)
+            if rows is None:
+                rows = self.fit_query_aware(kind, d)
+            self._qa_bases[(kind, d)] = complete_basis(orthonormalize(rows.to(torch.float64).transpose(-1, -2)))
+        return self._qa_bases[(kind, d)]
+
+    def fit_query_aware(self, kind: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Fit the query-aware subspace from C and S as the file stores them (float32): [L, H_kv, d, D] rows."""
+        pca = self.pca[kind]
+        stored = PCA(mean=pca.mean, components=pca.components.float(), eigenvalues=pca.eigenvalues.float())
+        c = stored.covariance().to(device)  # [L, H_kv, D, D] float64
+        s = self.query_moment[kind].float().to(device=device, dtype=torch.float64)
+        return query_aware_subspace(c, s, d).transpose(-1, -2).float().cpu()
 
     def key_second_moment(self, kind: str) -> torch.Tensor:
         """E[k k^T] = C + mu mu^T, [L, H_kv, D, D], float64."""
@@ -87,6 +125,8 @@ class Calibration:
                 out[f"{prefix}.mean"] = pca.mean[i].float().contiguous()
                 if kind in self.query_moment:
                     out[f"{prefix}.query_moment"] = self.query_moment[kind][i].float().contiguous()
+                for d, rows in self.query_aware.get(kind, {}).items():
+                    out[f"{prefix}.qa_basis.d{d}"] = rows[i].float().contiguous()
         return out
 
     def metadata(self) -> dict[str, str]:
@@ -130,11 +170,12 @@ class Calibration:
         try:
             facts, info = _read_header(meta)
             pca, query_moment = _stack(tensors, facts)
+            query_aware = _stack_query_aware(tensors, facts)
         except _Invalid as err:
             raise UserError(f"{path} is not a valid calibration file: {err}; recreate it with `lokitool calibrate`") from None
         except _TooNew as err:
             raise UserError(f"{path} {err}") from None
-        return cls(facts=facts, info=info, pca=pca, query_moment=query_moment)
+        return cls(facts=facts, info=info, pca=pca, query_moment=query_moment, query_aware=query_aware)
 
 
 class _Invalid(Exception):
@@ -241,3 +282,18 @@ def _stack(tensors: dict[str, torch.Tensor], facts: ModelFacts) -> tuple[dict[st
         if f"layers.0.{kind}.query_moment" in tensors:
             query_moment[kind] = stacked("query_moment")
     return pca, query_moment
+
+
+def _stack_query_aware(tensors: dict[str, torch.Tensor], facts: ModelFacts) -> dict[str, dict[int, torch.Tensor]]:
+    """kind -> d -> [L, H_kv, d, D] for every qa_basis.d{d} that layer 0 has (none in version-1 files)."""
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for name in sorted(tensors):
+        match = _QA_NAME.fullmatch(name)
+        if match is None:
+            continue
+        kind, d = match.group(1), int(match.group(2))
+        rows = torch.stack([_tensor(tensors, f"layers.{i}.{kind}.qa_basis.d{d}", (facts.num_kv_heads, d, facts.head_dim))
+                            for i in range(facts.num_layers)])
+        out.setdefault(kind, {})[d] = rows
+    return out
+

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from ..fileio import check_output_file
 from ..results import versions
+from ..sparse.reference import dims_for  # the one owner of f -> d: the stored d are those Loki uses
 from . import pca
-from .calibration import Calibration
+from .calibration import QA_FRACTIONS, Calibration
 from .collect import collect_statistics
 from .config import CalibrateConfig
 from .data import Windows, check_dataset, load_windows, resolve_dataset_spec
@@ -35,13 +36,21 @@ class CalibrationRun:
     seconds: float
 
 
-def build_calibration(stats: Statistics, facts: ModelFacts, info: dict) -> Calibration:
+def build_calibration(stats: Statistics, facts: ModelFacts, info: dict, query_aware: bool = True) -> Calibration:
+    """PCA per kind, the query second moments, and (with queries, unless told not to) the query-aware
+    subspaces for the budgets d = dims_for(f, D), f in QA_FRACTIONS, fitted where the statistics live."""
     fitted = {kind: pca.fit(stats.keys[kind]) for kind in KINDS}
     moments = {}
     for kind, sums in stats.queries.items():
         n = sums.count.clamp_min(1)[..., None, None]
         moments[kind] = (sums.outer / n).cpu()
-    return Calibration(facts=facts, info=info, pca=fitted, query_moment=moments)
+    calibration = Calibration(facts=facts, info=info, pca=fitted, query_moment=moments)
+    if not (query_aware and moments):
+        return calibration
+    device = next(iter(stats.queries.values())).outer.device
+    dims = sorted({dims_for(f, facts.head_dim) for f in QA_FRACTIONS})
+    stored = {kind: {d: calibration.fit_query_aware(kind, d, device) for d in dims} for kind in moments}
+    return replace(calibration, query_aware=stored)
 
 
 def prepare(config: CalibrateConfig) -> CalibrationJob:
@@ -92,7 +101,7 @@ def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    calibration = build_calibration(stats, loaded.facts, info)
+    calibration = build_calibration(stats, loaded.facts, info, query_aware=world.is_main)  # only rank 0 writes
     if world.is_main:
         calibration.save(config.output)
     barrier()  # no rank reports success before the file exists

@@ -1,4 +1,4 @@
-"""`lokitool rank-report`: flags in, `report.run`, tables out. The numbers and files live in report.py."""
+"""`lokitool rank-report`: flags in, `report.writer.run`, tables out. The numbers and files live in lokitool.report."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ def rank_report(
     dims: str = typer.Option("0.25,0.5", help="Dimension budgets d for the score variance captured: comma-separated fractions of the head dimension in (0, 1]."),
 ) -> None:
     """Rank at explained-variance thresholds per layer and KV head, pre/post RoPE; score variance kept by truncated scores per basis; with several files, how well their subspaces agree."""
-    from ..report import core as report
+    from ..report.tables import terminal_tables
+    from ..report.writer import run
 
     with console.status("rank report") as status:
-        result, written = report.run(calibrations, output_dir, variance, dims, progress=status.update)
-    for table in report.terminal_tables(result):
+        result, written = run(calibrations, output_dir, variance, dims, progress=status.update)
+    for table in terminal_tables(result):
         out.print(table)
     figures = sum(path.suffix == ".png" for path in written)
     out.print(f"wrote {output_dir / 'report.md'}, {output_dir / 'report.json'} and {figures} figures")
