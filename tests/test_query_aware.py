@@ -214,5 +214,5 @@ def test_no_queries_file_has_no_query_aware_subspaces(tmp_path):
     with safe_open(str(path), "pt") as f:
         assert not [k for k in f.keys() if "qa_basis" in k or "query_moment" in k]
         assert json.loads(f.metadata()["lokitool"])["model"]["model_id"] == "toy/qa"
-    with pytest.raises(UserError, match="no query statistics"):
+    with pytest.raises(UserError, match="needs query statistics, and this calibration file has none"):
         query_aware_basis(Calibration.load(path), "post", 4)
