@@ -148,38 +148,17 @@ def _label(r: Result) -> str:
 
 
 def plot_sweep(results: Iterable[Result], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    results = list(results)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for r in results:
-        if r.kf is not None:
-            lines.setdefault(_label(r), []).append((r.kf, r.perplexity))
-    for label, points in sorted(lines.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=label)
-    for r in results:
-        if r.method == "full":
-            ax.axhline(r.perplexity, color="black", linestyle="--", label=f"full ({r.perplexity:.2f})")
-    ax.set_xlabel("kf (fraction of causal keys kept)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
+    """Perplexity against kf, one line per method."""
+    _plot_perplexity(results, path, title, x=lambda r: r.kf, xlabel="kf (fraction of causal keys kept)")
 
 
 def plot_bytes(results: Iterable[Result], path: Path, title: str) -> None:
     """Perplexity against the bytes each method reads per decode step, one line per method."""
+    _plot_perplexity(results, path, title, x=lambda r: r.bytes, xlabel="bytes read per decode step (full attention = 1)")
+
+
+def _plot_perplexity(results: Iterable[Result], path: Path, title: str, *, x: Callable[[Result], float | None], xlabel: str) -> None:
+    """One line per method label through (x(r), perplexity); full attention as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,13 +168,13 @@ def plot_bytes(results: Iterable[Result], path: Path, title: str) -> None:
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in results:
         if r.method == "full":
-            ax.axhline(r.perplexity, color="black", linestyle="--", label=f"full ({r.perplexity:.2f}, bytes 1)")
-        elif r.bytes is not None:
-            lines.setdefault(_label(r), []).append((r.bytes, r.perplexity))
+            ax.axhline(r.perplexity, color="black", linestyle="--", label=f"full ({r.perplexity:.2f})")
+        elif x(r) is not None:
+            lines.setdefault(_label(r), []).append((x(r), r.perplexity))
     for label, points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))
         ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("bytes read per decode step (full attention = 1)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
