@@ -9,7 +9,6 @@ one-line `"score_variance_note"`, for a file without query statistics.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
 from typing import Any, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..calib.calibration import KINDS
-from ..results import git_hash
+from ..results import provenance
 from .labels import NO_QUERIES_NOTE
 from .numbers import SCORE_BASES, Entry, PairComparison, RankReport
 
@@ -43,17 +42,6 @@ KEY_VARIANCE_DEFINITION = "PCA's explained variance at d: (lambda_1 + ... + lamb
 
 def _key(v: float) -> str:
     return f"{v:g}"
-
-
-def _generated() -> dict[str, Any]:
-    from .. import __version__
-
-    return {
-        "lokitool": __version__,
-        "torch": torch.__version__,
-        "git_commit": git_hash(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def _rounded(values: torch.Tensor, places: int = 6) -> list[float] | float:
@@ -159,7 +147,7 @@ def report_json(report: RankReport) -> dict[str, Any]:
             "score_variance": SCORE_VARIANCE_DEFINITION,
             "key_variance": KEY_VARIANCE_DEFINITION,
         },
-        "generated": _generated(),
+        **provenance(),  # versions, git_hash, date: the stamp every results file carries
         "calibrations": [_entry_json(e, report.variance) for e in report.entries],
         "comparisons": [_pair_json(report, p) for p in report.comparisons],
     }
