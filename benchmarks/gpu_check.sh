@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check of the Loki decode kernels, run from the repository root on a CUDA machine:
-#   1. tests/test_kernels.py, tests/test_prefill.py and tests/test_architectures_kernels.py compiled for the GPU,
+#   1. the kernel tests (tests/test_kernel_*.py, test_prefill.py, test_architectures_kernels.py) compiled,
 #   2. `lokitool bench` at the shapes of issue 5 (llama2-13b attention: H=40, D=128, fp16,
 #      kf = df = 0.25, batch 1 and 16, context 4096 / 16384 / 65536), then a GQA point and a
 #      comparison of loki-triton's two key layouts (CUDA-graph and plain-launch medians),
@@ -25,7 +25,7 @@ source benchmarks/gpu_env.sh
 
 status=0
 echo "== kernel tests (compiled) =="
-$PY -m pytest tests/test_kernels.py tests/test_prefill.py tests/test_architectures_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
+$PY -m pytest tests/test_kernel_score.py tests/test_kernel_select.py tests/test_kernel_attention.py tests/test_kernel_decode.py tests/test_prefill.py tests/test_architectures_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
 
 echo "== bench =="
 if [ "${QUICK:-0}" = 1 ]; then

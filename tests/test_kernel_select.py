@@ -1,0 +1,84 @@
+"""kernels/select.py: exact top-k selection per row (ties, infinities, long rows) and the budgets kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_support import (
+    DEVICE,
+    LokiSpec,
+    _one_config_per_kernel,  # noqa: F401  (autouse; importing kernel_support switches on the interpreter first)
+    decode_budgets,
+    kept_mask,
+    loki,
+    select_topk,
+    stable_topk_mask,
+)
+
+
+def _scores_of(kind, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(shape, generator=g) * 3
+    if kind == "one-binade":  # every key shares sign and exponent: forces the narrowing passes
+        return 1.0 + torch.rand(shape, generator=g) * 0.9
+    if kind == "few-values":  # heavy ties
+        return torch.randint(-3, 4, shape, generator=g).float() * 0.25
+    if kind == "all-equal":
+        return torch.full(shape, -0.7)
+    if kind == "signed-zeros":  # -0.0 and +0.0 compare equal
+        return torch.where(torch.rand(shape, generator=g) < 0.5, torch.tensor(0.0), torch.tensor(-0.0))
+    if kind == "infinities":  # sinks forced in (+inf), masked keys (-inf): no float midpoints
+        x = torch.randn(shape, generator=g)
+        x[..., :3] = float("inf")
+        x[..., 5:9] = float("-inf")
+        return x
+    if kind == "extreme":  # float32's whole range, denormals included
+        x = torch.randn(shape, generator=g).sign() * torch.exp2(torch.randint(-148, 127, shape, generator=g).float())
+        return x * torch.rand(shape, generator=g).add(1.0)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
+@pytest.mark.parametrize("block_cap", [128, 16384], ids=["tile128", "registers"])
+@pytest.mark.parametrize("kf", [1e-4, 0.3, 1.0], ids=["k=1", "kf=.3", "k=length"])
+def test_select_is_exact_topk(kind, block_cap, kf):
+    s = 300
+    lengths = torch.tensor([300, 1, 200, 129], dtype=torch.int32)
+    scores = _scores_of(kind, (4, 2, s), seed=len(kind))
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), block_cap=block_cap)
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:8].tolist()
+        pytest.fail(f"{(got != want).sum()} disagreements, first (b, r, s): {bad}; kept {got.sum(-1).tolist()} vs k {budgets.tolist()}")
+    listed = idx.cpu().long()
+    for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
+        assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+
+
+@pytest.mark.parametrize("kf", [1e-4, 0.1, 0.25, 0.29, 1 / 3, 0.7, 1.0])
+def test_budgets_are_the_oracles(kf):
+    """decode_budgets (float64 in a kernel, kf passed as its bit pattern) gives decode_budget's
+    values exactly, on lengths where a float32 kf or an exact rational product would differ."""
+    lengths = torch.tensor([1, 2, 3, 7, 10, 29, 100, 300, 1000, 4095, 4096, 65537, 1 << 20, 2**31 - 1], dtype=torch.int32)
+    want = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    got = decode_budgets(lengths.to(DEVICE), kf).cpu()
+    assert got.dtype == torch.int32 and torch.equal(got, want), (got - want).nonzero().flatten().tolist()
+
+
+
+@pytest.mark.parametrize("kind", ["random", "few-values", "infinities", "extreme"])
+def test_select_longer_rows(kind):
+    """Rows of a few thousand keys held in registers (2048-key tile), ragged, against exact top-k."""
+    s, kf = 1500, 0.3
+    lengths = torch.tensor([1500, 700, 257], dtype=torch.int32)
+    scores = _scores_of(kind, (3, 2, s), seed=7)
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s))
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    assert torch.equal(got, want), f"{(got != want).sum()} disagreements"
+
+
