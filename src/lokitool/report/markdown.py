@@ -124,7 +124,7 @@ def _md_score_variance(report: RankReport, names: Sequence[str], figures: Figure
         "- **PCA (Loki)**: the top-d principal directions of the keys;",
         "- **random**: a Haar-random orthonormal basis (seed 0): what any basis must beat;",
         "- **query-aware**: the d directions that minimise the truncation error for that d "
-        "(fitted per d, see `lokitool/bases.py`);",
+        "(fitted per d, see `lokitool/sparse/bases.py`; stored in format-2 calibration files);",
         "- **key variance (PCA)**: PCA's explained variance at d, (λ1 + … + λd) / (λ1 + … + λD): what the "
         "ranks above measure. Score variance captured by PCA equals it when queries weigh all directions alike.",
         f"d = {dims} of D = {dim} (`--dims {fractions}`: d = round(f · D)).",

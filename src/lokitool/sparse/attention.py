@@ -197,7 +197,7 @@ def patched(
     model: nn.Module, facts: ModelFacts, spec: MethodSpec, calibration: Calibration | None = None, backend: str = "torch"
 ) -> Iterator[Recorder]:
     """Run the model's attention through `spec` while the block runs; yields the per-layer stats.
-    backend: `torch` (loki.py, the reference) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
+    backend: `torch` (sparse/reference.py) or `triton` (kernels/loki_prefill.py; h2o stays on torch)."""
     if calibration is not None:
         calibration.check_shape(facts)
     # the kernels have no path for H2O's accumulated attention, nor anything to select for `full`;
