@@ -289,6 +289,10 @@ CASES = [
     # bench
     Case("bench head dim 0", lambda i: ["bench", "--head-dim", "0", "--num-heads", "0", "--output-path", str(i.tmp / "b")],
          "must be at least 1"),
+    Case("bench union groups", lambda i: ["bench", "--device", "cpu", "--group", "union", "--output-path", str(i.tmp / "b")],
+         "--group union is eval's only"),
+    Case("generate union groups", lambda i: ["generate", "--prompt", "hi", "--group", "union"],
+         "--group union is eval's only"),
     # the debug variable is a boolean
     Case("LOKITOOL_DEBUG=0 keeps one line", lambda i: ["passkey", *NO_MODEL, "--lengths", ""], "--lengths is empty",
          env={"LOKITOOL_DEBUG": "0"}),

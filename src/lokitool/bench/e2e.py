@@ -77,7 +77,7 @@ class E2EConfig:
 
     def spec(self) -> LokiSpec:
         basis = self.basis if self.calibration else "random"
-        return LokiSpec(kf=self.kf, df=self.df, basis=basis, group=self.group)
+        return LokiSpec(kf=self.kf, df=self.df, basis=basis, group=self.group).for_decoding()
 
 
 # ----------------------------------------------------------------------------------------------

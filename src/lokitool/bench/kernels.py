@@ -74,6 +74,7 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.spec.for_decoding()
         if min(self.num_heads, self.num_kv_heads, self.head_dim) < 1:
             raise UserError("--num-heads, --num-kv-heads and --head-dim must be positive")
         if self.num_heads % self.num_kv_heads:

@@ -48,7 +48,7 @@ def generate_command(
         prompt = read_text(prompt_file, encoding)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    spec = None if full else LokiSpec(kf=kf, df=df, basis=basis, group=group)
+    spec = None if full else LokiSpec(kf=kf, df=df, basis=basis, group=group).for_decoding()
     loaded, cal = load_model_and_calibration(
         model, calibration, full, device, dtype, basis=None if full else basis, allow_other_model=allow_other_model
     )

@@ -105,6 +105,12 @@ class LokiSpec:
         if self.sink < 0:
             raise UserError(f"--sink must be >= 0, got {self.sink}")
 
+    def for_decoding(self) -> "LokiSpec":
+        """This spec, refused in one line if decoding cannot run it (union groups are eval's only)."""
+        if self.group == "union":
+            raise UserError("--group union is eval's only; decoding (generate, bench, the kernels) selects per head or kv")
+        return self
+
     def dims(self, head_dim: int) -> int:
         """d scored dims for a head dimension D (a fixed df; `variance` gives d per layer instead)."""
         if self.df is None:
