@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import UserError
 from ..evals.config import EvalConfig, TaskConfig
 from .app import app, console, out
-from .options import Device, Dtype, float_list, listed, word_list
+from .options import Device, Dtype, float_list, listed, sink_list, word_list
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -107,10 +107,7 @@ def eval_command(
         )
     if not ppl:
         raise UserError("say what to evaluate: --ppl, --tasks TASKS or --lm-eval TASKS")
-    try:
-        sinks = tuple(int(x) for x in word_list(sink))
-    except ValueError as err:
-        raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
+    sinks = sink_list(sink)
     config = EvalConfig(
         model=model, calibration=calibration, dataset=dataset, methods=word_list(methods),
         kf=float_list(kf, "--kf"), bytes=float_list(bytes_, "--bytes"), page=page, df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),

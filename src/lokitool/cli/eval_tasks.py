@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..evals.config import EvalConfig, TaskConfig
 from .app import console, out
 from .loading import load_model_and_calibration
-from .options import float_list, int_list, word_list
+from .options import float_list, int_list, sink_list, word_list
 
 
 def eval_tasks(*, ppl: bool, tasks: str, lm_eval: str, lengths: str, depths: str, samples: int, seed: int,
@@ -22,10 +22,7 @@ def eval_tasks(*, ppl: bool, tasks: str, lm_eval: str, lengths: str, depths: str
 
     if ppl:
         raise UserError("run --ppl apart from --tasks / --lm-eval (each writes its own results)")
-    try:
-        sinks = tuple(int(x) for x in word_list(sink))
-    except ValueError as err:
-        raise UserError(f"--sink takes whole numbers, got {sink!r}") from err
+    sinks = sink_list(sink)
     config = EvalConfig(
         model=model, calibration=calibration, methods=word_list(methods), kf=float_list(kf, "--kf"),
         df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),

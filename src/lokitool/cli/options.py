@@ -36,6 +36,14 @@ def float_list(text: str, flag: str, example: str = "0.125,0.25") -> tuple[float
     return _parse_list(text, flag, float, "numbers", example)
 
 
+def sink_list(text: str) -> tuple[int, ...]:
+    """`--sink 0,1`: whole numbers, possibly none (eval and eval --tasks)."""
+    try:
+        return tuple(int(x) for x in word_list(text))
+    except ValueError as err:
+        raise UserError(f"--sink takes whole numbers, got {text!r}") from err
+
+
 def word_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
