@@ -68,3 +68,16 @@ def embedded_model():
     from lokitool.calib.models import load_model
 
     return load_model("default", device="cpu", dtype="float32")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lokitool ARGS`, run in this process."""
+    from lokitool.cli.main import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -7,23 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from lokitool.bench import kernels as bench
 from lokitool.bench import output, presets
-from lokitool.cli.main import main
 from lokitool.errors import UserError
 from lokitool.sparse.reference import LokiSpec
-
-
-def run_cli(args, capsys):
-    """(exit code, stdout, stderr) of `lokitool ARGS`."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_without_gpu_says_so_in_one_line(monkeypatch, capsys, tmp_path):

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import tiny_calibrated
+from conftest import run_cli, tiny_calibrated
 
 from lokitool.calib.calibration import Calibration
 from lokitool.cli.main import main
@@ -30,15 +30,10 @@ from lokitool.cli.main import main
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
+def run_cli_output(args: list[str], capsys) -> tuple[int, str]:
     """(exit code, stdout + stderr) of `lokitool ARGS`."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    code, out, err = run_cli(args, capsys)
+    return code, out + err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +303,7 @@ def test_user_error_is_one_line(case: Case, tmp_path, tiny_cal, request, monkeyp
         monkeypatch.setenv(key, value)
     if case.patch is not None:
         case.patch(monkeypatch)
-    code, output = run_cli(args, capsys)
+    code, output = run_cli_output(args, capsys)
     lines = [line for line in output.splitlines() if line.strip()]
     assert code == 2, output
     assert "Traceback" not in output
@@ -376,7 +371,7 @@ def test_other_model_allowed_on_purpose(tmp_path, tiny_folder, tiny_cal, request
     """--allow-other-model passes the identity check (and then the shapes decide)."""
     inputs = Inputs(tmp_path, tiny_cal, request)
     other = inputs.cal(facts=dict(model_id="meta-llama/Llama-2-7b-hf", revision=None))
-    code, output = run_cli(["generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "the fox",
+    code, output = run_cli_output(["generate", "--model", str(tiny_folder), "--device", "cpu", "--prompt", "the fox",
                             "--max-new-tokens", "2", "--no-chat", "--calibration", other, "--allow-other-model"], capsys)
     assert code == 0, output
     assert "prompt tokens" in output
@@ -454,7 +449,7 @@ def test_signal_mid_write_cleans_up(sig, code, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(calib, "prepare", killed_mid_write)
     before = signal.getsignal(signal.SIGTERM)
-    code_seen, output = run_cli(["calibrate", "--device", "cpu", "--output", str(target)], capsys)
+    code_seen, output = run_cli_output(["calibrate", "--device", "cpu", "--output", str(target)], capsys)
     assert code_seen == code, output
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["cal.safetensors"]
@@ -473,7 +468,7 @@ def test_eval_records_d_and_writes_distinct_results(tmp_path, tiny_folder, tiny_
             "--methods", "loki", "--df", "0.001", "--seq-len", "16", "--num-tokens", "32", "--dataset", str(text),
             "--output-path", str(tmp_path / "out")]
     for _ in range(2):
-        code, output = run_cli(args, capsys)
+        code, output = run_cli_output(args, capsys)
         assert code == 0, output
     dated = sorted((tmp_path / "out").glob("results_*.json"))
     assert len(dated) == 2  # two runs within a second: two files
