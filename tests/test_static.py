@@ -1,0 +1,86 @@
+"""The static decode loop (sparse/static.py), run eagerly on the CPU: the same greedy tokens as the
+eager loops, the cache layout and device-side positions, prefill in chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_tokens, tiny_calibrated
+
+from lokitool.sparse import generation as gen
+from lokitool.sparse import static
+from lokitool.sparse.reference import LokiSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa():
+    """A GQA decoder (6 query heads over 2 KV heads) and a calibration made on its own keys."""
+    return tiny_calibrated()
+
+
+def test_full_attention_in_the_static_loop_generates_what_the_eager_loop_does(tiny_gqa):
+    loaded, _ = tiny_gqa
+    ids = random_tokens(2, 20, seed=3)
+    eager = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=True)
+    assert eager.shape == got.shape == (2, 30)
+    assert torch.equal(got, eager)
+
+
+def test_loki_at_full_budgets_in_the_static_loop_equals_full_attention(tiny_gqa):
+    loaded, cal = tiny_gqa
+    ids = random_tokens(2, 20, seed=3)
+    full = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, LokiSpec(kf=1.0, df=1.0), cal, static_loop=True)
+    assert torch.equal(got, full)
+
+
+@pytest.mark.parametrize("group", ["head", "kv"])
+def test_loki_in_the_static_loop_equals_the_eager_loki_loop(tiny_gqa, group):
+    loaded, cal = tiny_gqa
+    ids = random_tokens(2, 24, seed=5)
+    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    eager = gen.generate_with(loaded.model, loaded.facts, ids, 30, spec, cal, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, spec, cal, static_loop=True)
+    assert torch.equal(got, eager)
+    full = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    assert not torch.equal(got, full)  # selection really happens at kf = 0.25
+
+
+def test_cache_holds_rotated_split_keys_and_positions_on_the_device(tiny_gqa):
+    loaded, cal = tiny_gqa
+    facts = loaded.facts
+    spec = LokiSpec(kf=0.5, df=0.25)
+    bases = gen.loki_bases(spec, cal, facts)
+    ids = random_tokens(2, 21, seed=7)
+    cache = static.StaticCache(facts, batch=2, capacity=40, dtype=torch.float32, device=torch.device("cpu"), bases=bases, spec=spec)
+    layer = cache.layers[1]
+    d = spec.dims(facts.head_dim)
+    assert layer.low.shape == (2, 2, 40, d) and layer.high.shape == (2, 2, 40, facts.head_dim - d) and layer.k is None
+    with static.static_attention(loaded.model, cache), torch.no_grad():
+        decoder = static.StaticDecoder(loaded.model, cache)
+        decoder.prefill(ids, chunk=8)  # three chunks: 8, 8, 5
+        assert cache.seen == 21 and cache.positions.tolist() == [21, 21]
+        for _ in range(3):
+            decoder.step()
+    assert cache.seen == 24 and cache.positions.tolist() == [24, 24] and cache.lengths.tolist() == [24, 24]
+    # the same tokens through the eager Loki cache: keys rotated by the basis, split after d
+    eager = gen.new_cache(spec, bases, 40)
+    with gen.loki_attention(loaded.model, eager, spec), torch.no_grad():
+        first = gen.prefill(loaded.model, ids, eager)
+        gen.decode_n_tokens(loaded.model, first, eager, 3)
+    want = eager.layers[1].keys  # [B, Hkv, 24, D] rotated
+    torch.testing.assert_close(layer.joined_keys(24), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.v[:, :, :24], eager.layers[1].values, rtol=1e-5, atol=1e-5)
+    assert bool((layer.v[:, :, 24:] == 0).all())  # nothing written past the positions
+
+
+def test_static_cache_refuses_to_overflow(tiny_gqa):
+    loaded, _ = tiny_gqa
+    cache = static.StaticCache(loaded.facts, batch=1, capacity=12, dtype=torch.float32, device=torch.device("cpu"))
+    with static.static_attention(loaded.model, cache), torch.no_grad():
+        decoder = static.StaticDecoder(loaded.model, cache)
+        decoder.prefill(random_tokens(1, 11), chunk=None)
+        decoder.step()
+        with pytest.raises(ValueError, match="static cache is full"):
+            decoder.step()
