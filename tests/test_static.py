@@ -84,3 +84,28 @@ def test_static_cache_refuses_to_overflow(tiny_gqa):
         decoder.step()
         with pytest.raises(ValueError, match="static cache is full"):
             decoder.step()
+
+
+@pytest.mark.parametrize("fill", ["random", "prefill"])
+def test_e2e_rows_of_the_static_loop_report_the_memory_floor(fill):
+    from lokitool.bench import e2e
+    from lokitool.bench.presets import PRESETS
+
+    cfg = e2e.E2EConfig(model="tiny", batch=2, prompt_len=40, new_tokens=3, warmup=1, eager_tokens=1, device="cpu", dtype="float32",
+                        fill=fill)
+    rows = e2e.run_e2e(cfg)
+    assert [r["method"] for r in rows] == ["full-graph", "loki-graph"]
+    p = PRESETS["tiny"]
+    # weights read per step: all but the (untied) input embedding, float32
+    weights = sum(t.numel() for t in e2e.load("tiny", "cpu", "float32").model.parameters()) * 4 - p.vocab_size * p.hidden_size * 4
+    context = 40 + 2 + 1 + (3 - 1) / 2  # prompt, 2 plain steps (1 untimed), 1 warm-up step, then the mean of 3 timed steps
+    kv = 2 * p.num_hidden_layers * 2 * p.num_key_value_heads * p.head_dim * context * 4
+    for r in rows:
+        assert r["graph"] is False and r["eager_ms"] > 0 and r["finite_logits"]
+        assert r["weights_gb"] == pytest.approx(weights / 1e9) and r["floor_gb"] == pytest.approx((weights + kv) / 1e9)
+        assert r["floor_ms"] == pytest.approx(r["floor_gb"] / r["bandwidth_gbs"] * 1e3)
+        assert r["x_floor"] == pytest.approx(r["per_token_ms"] / r["floor_ms"]) and r["floor_fraction"] == pytest.approx(1 / r["x_floor"])
+        # K + V, B=2, Hkv=2, capacity 40 + 2 + 1 + 3 tokens, D=16, 2 layers, float32: the Loki planes hold as many bytes
+        assert r["cache_mb"] == pytest.approx(2 * 2 * 2 * 2 * 46 * 16 * 4 / 2**20)
+        assert (r["prefill_s"] is None) == (fill == "random")
+    assert rows[0]["speedup_vs_full_graph"] == 1.0 and rows[1]["d"] == 4 and rows[0]["speedup_vs_full"] is None
