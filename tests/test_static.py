@@ -109,3 +109,18 @@ def test_e2e_rows_of_the_static_loop_report_the_memory_floor(fill):
         assert r["cache_mb"] == pytest.approx(2 * 2 * 2 * 2 * 46 * 16 * 4 / 2**20)
         assert (r["prefill_s"] is None) == (fill == "random")
     assert rows[0]["speedup_vs_full_graph"] == 1.0 and rows[1]["d"] == 4 and rows[0]["speedup_vs_full"] is None
+
+
+def test_compiled_norms_and_mlps_give_the_same_tokens_and_are_removed_after(tiny_gqa):
+    loaded, cal = tiny_gqa
+    model = loaded.model
+    ids = random_tokens(2, 20, seed=3)
+    spec = LokiSpec(kf=0.25, df=0.25)
+    want = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    norm_forward = type(model.model.norm).forward
+    with static.compiled_parts(model, backend="aot_eager") as count:
+        assert count == 2 * 2 + 1 + 2  # per layer two norms and an MLP, the final norm
+        assert model.model.norm.forward.__func__ is not norm_forward
+        got = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    assert torch.equal(got, want)
+    assert "forward" not in model.model.norm.__dict__ and model.model.norm.forward.__func__ is norm_forward

@@ -9,7 +9,8 @@ random tokens. Methods of the static loop (sparse/static.py; the headline):
 Per row: the median step time of graph replays (CUDA events around each), the median of a few plain
 (non-graph) steps, and the memory floor of one step: the bytes a step must read (weights other than
 the input embedding, plus keys and values of the mean context of the timed steps) over the card's
-measured copy bandwidth; `x_floor` = ms/token over that floor. With `fill="random"` (default) the
+measured copy bandwidth; `x_floor` = ms/token over that floor. `compile_parts` runs the model's
+RMS norms and MLPs through torch.compile (static.compiled_parts) in that loop. With `fill="random"` (default) the
 static loop's cache is filled with random keys and values instead of running the prefill (decode
 speed does not depend on what the cache holds; a 128k prefill would cost more than the decode).
 Methods of the eager loop (issue 6; transformers' eager decode, host launches every kernel):
@@ -78,6 +79,7 @@ class E2EConfig:
     prefill_chunk: int | None = 2048
     fill: str = "random"  # the static loop's cache: random keys and values, or the model's prefill
     eager_tokens: int = 2  # plain (non-graph) steps of the static loop, timed too
+    compile_parts: bool = False  # static loop: the model's norms and MLPs through torch.compile
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -275,7 +277,8 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
     cache = static.StaticCache(facts, batch=cfg.batch, capacity=capacity, dtype=dtype, device=device,
                                bases=loki_bases if spec is not None else None, spec=spec)
     prefill_s = None
-    with static.static_attention(model, cache), torch.no_grad():
+    compiled = static.compiled_parts(model) if cfg.compile_parts else contextlib.nullcontext()
+    with compiled, static.static_attention(model, cache), torch.no_grad():
         decoder = static.StaticDecoder(model, cache)
         if cfg.fill == "random":
             cache.fill_random(cfg.prompt_len, torch.Generator(device).manual_seed(cfg.seed))
@@ -333,6 +336,7 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
         "p90_ms": p90 * 1e3,
         "tokens_per_s": cfg.batch / median,
         "graph": graph,
+        "compiled": cfg.compile_parts,
         "eager_ms": statistics.median(eager) * 1e3 if eager else None,
         "mean_context": cfg.prompt_len + plain_steps + cfg.warmup + (cfg.new_tokens - 1) / 2,
         "cache_mb": cache.nbytes() / 2**20,

@@ -15,7 +15,7 @@ from .options import Device, Dtype, int_list
 
 CSV_COLUMNS = [
     "device", "model", "method", "batch", "prompt_len", "new_tokens", "kf", "df", "d", "group", "dtype", "per_token_ms", "p10_ms",
-    "p90_ms", "tokens_per_s", "eager_ms", "floor_ms", "x_floor", "floor_fraction", "speedup_vs_full_graph", "speedup_vs_full",
+    "p90_ms", "tokens_per_s", "compiled", "eager_ms", "floor_ms", "x_floor", "floor_fraction", "speedup_vs_full_graph", "speedup_vs_full",
     "mean_context", "weights_gb", "floor_gb", "bandwidth_gbs", "attention_share", "cache_share", "other_share", "prefill_s",
     "cache_mb", "peak_mem_mb", "finite_logits", "torch", "transformers", "triton", "cuda", "lokitool", "git", "timestamp",
 ]
@@ -42,6 +42,7 @@ def bench_e2e_command(
     prefill_chunk: int = typer.Option(2048, help="Prefill the prompt in chunks of this many tokens (bounds activation memory)."),
     fill: str = typer.Option("random", help="Static loop only: `random` fills the cache with random keys and values (same decode speed, no prefill), `prefill` runs the model over the prompt."),
     eager_tokens: int = typer.Option(2, help="Static loop only: plain (non-graph) steps timed before the graph is captured."),
+    compile_parts: bool = typer.Option(False, "--compile/--no-compile", help="Static loop only: run the model's RMS norms and MLPs through torch.compile (fewer kernels per step)."),
     output_path: Path = typer.Option(Path("runs/e2e"), help="Directory for e2e.json (this run) and e2e.csv (appended)."),
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -60,7 +61,7 @@ def bench_e2e_command(
             model=model, batch=b, prompt_len=p, new_tokens=new_tokens, kf=kf, df=df,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()), device=device, dtype=dtype,
             calibration=str(calibration) if calibration else None, basis=basis, group=group, warmup=warmup,
-            profile_tokens=profile_tokens, prefill_chunk=prefill_chunk, fill=fill, eager_tokens=eager_tokens,
+            profile_tokens=profile_tokens, prefill_chunk=prefill_chunk, fill=fill, eager_tokens=eager_tokens, compile_parts=compile_parts,
         )
         for b in int_list(batch_size, "--batch-size") for p in int_list(prompt_len, "--prompt-len")
     ]
@@ -88,7 +89,7 @@ def bench_e2e_command(
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         table.add_row(
-            r["method"] + (f" kf={r['kf']:g} df={r['df']:g} {r['group']}" if r["kf"] is not None else ""), str(r["batch"]),
+            r["method"] + (" +compile" if r.get("compiled") else "") + (f" kf={r['kf']:g} df={r['df']:g} {r['group']}" if r["kf"] is not None else ""), str(r["batch"]),
             str(r["prompt_len"]), f"{r['per_token_ms']:.2f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
             _fmt(r.get("eager_ms"), ".1f"), f"{r['floor_ms']:.2f}", f"{r['x_floor']:.2f}", _fmt(r["speedup_vs_full_graph"], ".2f"),
             _fmt(r["speedup_vs_full"], ".2f"), f"{r['cache_mb']:.0f}", _fmt(r["peak_mem_mb"], ".0f"),
