@@ -14,7 +14,9 @@
                  from a device buffer and writes the greedy token back into it, writes the new key
                  and value at `positions` (scatter, no host value involved) and advances `positions`:
                  nothing in it depends on a host number that changes between steps, so on CUDA it is
-                 captured once in a `torch.cuda.CUDAGraph` and every later step is one replay.
+                 captured once in a `torch.cuda.CUDAGraph` and every later step is one replay. On
+                 CUDA the write (rotation and split included) and the query rotation are one kernel
+                 each (kernels/cache_write.py; LOKITOOL_FUSED_WRITE=0 falls back to PyTorch ops).
     compiled_parts  optional: the model's RMS norms and MLPs through torch.compile (fewer, fused kernels
                  per step); the attention and the cache stay as above.
 Inputs are unpadded (every sequence of a batch starts with the same prompt length); models with
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -36,6 +39,13 @@ from ..calib.models import ModelFacts
 from . import reference as loki
 from .cache import rotate_into
 from .reference import LokiSpec
+
+
+def _kernels():
+    """lokitool.kernels (imports triton: only on CUDA)."""
+    from .. import kernels
+
+    return kernels
 
 
 def supports(facts: ModelFacts, loki_prefill: bool = False) -> bool:
@@ -58,7 +68,7 @@ class StaticLayer(DynamicLayer):
         b, hkv, cap, dim = owner.batch, owner.num_kv_heads, owner.capacity, owner.head_dim
         new = lambda *shape: torch.zeros(*shape, dtype=owner.dtype, device=owner.device)  # noqa: E731
         self.owner = owner
-        self.basis = None if basis is None else basis.float().to(owner.device)  # [Hkv, D, D], directions as columns
+        self.basis = None if basis is None else basis.float().to(owner.device).contiguous()  # [Hkv, D, D], directions as columns
         self.k = new(b, hkv, cap, dim) if basis is None else None  # [B, Hkv, C, D]
         self.low = new(b, hkv, cap, d) if basis is not None else None  # [B, Hkv, C, d]
         self.high = new(b, hkv, cap, dim - d) if basis is not None else None  # [B, Hkv, C, D - d]
@@ -97,6 +107,11 @@ class StaticLayer(DynamicLayer):
         handler reads the cache itself). Prefill: written after the `seen` tokens; returns every
         cached key (rotated, joined) and value, [B, Hkv, seen + s, D], for exact attention."""
         owner = self.owner
+        if owner.decoding and owner.fused:  # one kernel: rotate, split, write key and value at positions
+            kernels = _kernels()
+            k_dst = self.k if self.k is not None else kernels.LokiKeys(self.low, self.high)
+            kernels.write_decode_kv(key_states[:, :, 0], value_states[:, :, 0], owner.positions, k_dst=k_dst, v_dst=self.v, basis=self.basis)
+            return (self.k if self.k is not None else self.low), self.v
         if owner.decoding:
             index = owner.positions[:, None, None, None]  # [B, 1, 1, 1]
 
@@ -149,6 +164,8 @@ class StaticCache(Cache):
         self.spec = spec
         self.seen = 0  # tokens every sequence holds, on the host (prefill; advanced by the decoder)
         self.decoding = False  # set by the decoder around a decode step
+        # decode-step writes and query rotations through kernels/cache_write.py (CUDA; LOKITOOL_FUSED_WRITE=0: PyTorch ops)
+        self.fused = self.device.type == "cuda" and os.environ.get("LOKITOOL_FUSED_WRITE", "1") != "0"
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)  # [B] tokens held
         self.lengths = torch.ones(batch, dtype=torch.int32, device=self.device)  # [B] keys a decode step sees
         d = spec.dims(facts.head_dim) if spec is not None else None
@@ -211,10 +228,13 @@ def static_attention(model: nn.Module, cache: StaticCache) -> Iterator[None]:
 
         def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            q = rotate_into(query, layer.basis)  # [B, H, Sq, D]
             if not cache.decoding:
+                q = rotate_into(query, layer.basis)  # [B, H, Sq, D]
                 return exact_attention(mod, q, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
-            out = decode(q[:, :, 0], layer, cache.lengths, scale)  # [B, H, D]
+            q = query[:, :, 0]  # [B, H, D]
+            if layer.basis is not None:
+                q = _kernels().rotate_queries(q, layer.basis) if cache.fused else rotate_into(query, layer.basis)[:, :, 0]
+            out = decode(q, layer, cache.lengths, scale)  # [B, H, D]
             return out[:, None].to(query.dtype), None  # [B, 1, H, D]
 
         return handler
