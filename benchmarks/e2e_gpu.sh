@@ -37,7 +37,9 @@ if selected check; then
   echo "== check =="
   # the kernels on this GPU first; if the fused cache write fails, the sweeps fall back to PyTorch ops
   (cd tests && $PY -m pytest test_kernel_decode_full.py -q -p no:cacheprovider 2>&1 | tail -2) | tee "$OUT/check.log"
-  if ! (cd tests && $PY -m pytest test_kernel_cache_write.py -q -p no:cacheprovider 2>&1 | tail -2) | tee -a "$OUT/check.log" | grep -q " passed"; then
+  written=$(cd tests && $PY -m pytest test_kernel_cache_write.py -q -p no:cacheprovider 2>&1 | tail -2)
+  echo "$written" | tee -a "$OUT/check.log"
+  if ! echo "$written" | grep -q " passed" || echo "$written" | grep -qE "failed|error"; then
     export LOKITOOL_FUSED_WRITE=0
     echo "kernels/cache_write.py failed its tests: LOKITOOL_FUSED_WRITE=0 for what follows" | tee -a "$OUT/check.log"
   fi

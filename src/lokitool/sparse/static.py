@@ -254,6 +254,9 @@ def pure_parts(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "MLP"))]
 
 
+_COMPILED: dict[tuple[type, str], Callable] = {}
+
+
 @contextlib.contextmanager
 def compiled_parts(model: nn.Module, backend: str = "inductor") -> Iterator[int]:
     """Run the model's norms and MLPs through torch.compile while the block runs (yields how many).
@@ -271,11 +274,12 @@ def compiled_parts(model: nn.Module, backend: str = "inductor") -> Iterator[int]
     for name in limits:
         setattr(config, name, max(limits[name], 64))  # one entry per input shape and module class
     parts = pure_parts(model)
-    compiled: dict[type, Callable] = {}
     try:
         for m in parts:
-            fn = compiled.setdefault(type(m), torch.compile(type(m).forward, backend=backend, dynamic=False))
-            m.forward = types.MethodType(fn, m)  # an instance attribute: deleted below
+            key = (type(m), backend)
+            if key not in _COMPILED:  # kept for the process: a second block reuses what was compiled
+                _COMPILED[key] = torch.compile(type(m).forward, backend=backend, dynamic=False)
+            m.forward = types.MethodType(_COMPILED[key], m)  # an instance attribute: deleted below
         yield len(parts)
     finally:
         for m in parts:
