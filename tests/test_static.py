@@ -117,10 +117,14 @@ def test_compiled_norms_and_mlps_give_the_same_tokens_and_are_removed_after(tiny
     ids = random_tokens(2, 20, seed=3)
     spec = LokiSpec(kf=0.25, df=0.25)
     want = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
-    norm_forward = type(model.model.norm).forward
+    import sys
+
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    norm_forward, rotary = type(model.model.norm).forward, modeling.apply_rotary_pos_emb
     with static.compiled_parts(model, backend="aot_eager") as count:
-        assert count == 2 * 2 + 1 + 2  # per layer two norms and an MLP, the final norm
-        assert model.model.norm.forward.__func__ is not norm_forward
+        assert count == 2 * 3 + 1 + 1  # per layer two norms and an MLP, the final norm, the rotary function
+        assert model.model.norm.forward.__func__ is not norm_forward and modeling.apply_rotary_pos_emb is not rotary
         got = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
     assert torch.equal(got, want)
     assert "forward" not in model.model.norm.__dict__ and model.model.norm.forward.__func__ is norm_forward
+    assert modeling.apply_rotary_pos_emb is rotary

@@ -17,8 +17,8 @@
                  captured once in a `torch.cuda.CUDAGraph` and every later step is one replay. On
                  CUDA the write (rotation and split included) and the query rotation are one kernel
                  each (kernels/cache_write.py; LOKITOOL_FUSED_WRITE=0 falls back to PyTorch ops).
-    compiled_parts  optional: the model's RMS norms and MLPs through torch.compile (fewer, fused kernels
-                 per step); the attention and the cache stay as above.
+    compiled_parts  optional: the model's RMS norms, MLPs and rotary function through torch.compile
+                 (fewer, fused kernels per step); the attention and the cache stay as above.
 Inputs are unpadded (every sequence of a batch starts with the same prompt length); models with
 sliding-window layers, soft-capping or sink logits keep the eager loop (`supports`).
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..calib.dispatch import exact_attention, route_attention
-from ..calib.models import ModelFacts
+from ..calib.models import ModelFacts, attention_modules
 from . import reference as loki
 from .cache import rotate_into
 from .reference import LokiSpec
@@ -254,15 +255,18 @@ def pure_parts(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "MLP"))]
 
 
-_COMPILED: dict[tuple[type, str], Callable] = {}
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
 
 
 @contextlib.contextmanager
 def compiled_parts(model: nn.Module, backend: str = "inductor") -> Iterator[int]:
-    """Run the model's norms and MLPs through torch.compile while the block runs (yields how many).
+    """Run the model's norms, MLPs and rotary-embedding function through torch.compile while the
+    block runs (yields how many were replaced).
 
-    In eager transformers an RMS norm is ~8 kernels and an MLP's activation 2; compiled, each chain
-    is one fused kernel (the matrix multiplies stay cuBLAS). Inside a CUDA graph every kernel still
+    In eager transformers an RMS norm is ~8 kernels, an MLP's activation 2 and the rotary embedding
+    of q and k ~10; compiled, each chain is one or two fused kernels (the matrix multiplies stay
+    cuBLAS). The rotary function is the modeling file's `apply_rotary_pos_emb`, replaced in that
+    module for the duration of the block (attention modules look it up there at each call). Inside a CUDA graph every kernel still
     costs a few microseconds, so this shortens the step by hundreds of kernels. One compiled
     function per module class serves all its instances (the weights are inputs, not constants)."""
     import types
@@ -274,18 +278,30 @@ def compiled_parts(model: nn.Module, backend: str = "inductor") -> Iterator[int]
     for name in limits:
         setattr(config, name, max(limits[name], 64))  # one entry per input shape and module class
     parts = pure_parts(model)
+    # the modeling files' rotary function, which attention modules look up as a module global
+    modules = {sys.modules[type(m).__module__] for m in attention_modules(model)}
+    rotary = {mod: mod.apply_rotary_pos_emb for mod in modules if callable(getattr(mod, "apply_rotary_pos_emb", None))}
     try:
         for m in parts:
-            key = (type(m), backend)
-            if key not in _COMPILED:  # kept for the process: a second block reuses what was compiled
-                _COMPILED[key] = torch.compile(type(m).forward, backend=backend, dynamic=False)
-            m.forward = types.MethodType(_COMPILED[key], m)  # an instance attribute: deleted below
-        yield len(parts)
+            m.forward = types.MethodType(_compiled(type(m).forward, backend), m)  # an instance attribute: deleted below
+        for mod, fn in rotary.items():
+            mod.apply_rotary_pos_emb = _compiled(fn, backend)
+        yield len(parts) + len(rotary)
     finally:
         for m in parts:
             m.__dict__.pop("forward", None)
+        for mod, fn in rotary.items():
+            mod.apply_rotary_pos_emb = fn
         for name, value in limits.items():
             setattr(config, name, value)
+
+
+def _compiled(fn: Callable, backend: str) -> Callable:
+    """torch.compile(fn), kept for the process: a second block reuses what was compiled."""
+    key = (fn, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False)
+    return _COMPILED[key]
 
 
 # ----------------------------------------------------------------------------------------------
