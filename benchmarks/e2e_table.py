@@ -51,15 +51,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r.get("compiled") != "True" and not (r["method"] == "loki-graph" and r["group"] == "head" and r["num_heads"] != r["num_kv_heads"]):
+        if r.get("compiled") != "True":
             panels[(r["model"].removeprefix("random-"), r["batch"])].append(r)
     panels = {k: v for k, v in panels.items() if len({r["prompt_len"] for r in v}) > 1}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, ((model, batch), prs) in zip(axes[0], sorted(panels.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))):
-        for method, style in (("full-graph", "o-"), ("loki-graph", "s-")):
-            pts = sorted((int(r["prompt_len"]), float(r["per_token_ms"])) for r in prs if r["method"] == method)
-            if pts:
-                ax.plot([p for p, _ in pts], [m for _, m in pts], style, label=method)
+        series = sorted({(r["method"], r["group"]) for r in prs}, key=lambda mg: (GRAPH.index(mg[0]), mg[1]))
+        for method, group in series:
+            pts = sorted((int(r["prompt_len"]), float(r["per_token_ms"])) for r in prs if (r["method"], r["group"]) == (method, group))
+            label = method if method == "full-graph" else f"loki-graph (kf=df=0.25, per {group})"
+            ax.plot([p for p, _ in pts], [m for _, m in pts], "o-" if method == "full-graph" else "s-", label=label)
         floor = sorted({(int(r["prompt_len"]), float(r["floor_ms"])) for r in prs if r["method"] == "full-graph"})
         ax.plot([p for p, _ in floor], [m for _, m in floor], "k--", label="memory floor (full)")
         ax.set_xscale("log", base=2)
