@@ -288,6 +288,10 @@ CASES = [
          "--group union is eval's only"),
     Case("generate union groups", lambda i: ["generate", "--prompt", "hi", "--group", "union"],
          "--group union is eval's only"),
+    Case("bench-e2e unknown fill", lambda i: ["bench-e2e", "--model", "tiny", "--device", "cpu", "--fill", "zeros",
+                                              "--output-path", str(i.tmp / "e")], "--fill must be one of random, prefill"),
+    Case("bench-e2e negative eager tokens", lambda i: ["bench-e2e", "--model", "tiny", "--device", "cpu", "--eager-tokens", "-1",
+                                                       "--output-path", str(i.tmp / "e")], "--eager-tokens must be >= 0"),
     # the debug variable is a boolean
     Case("LOKITOOL_DEBUG=0 keeps one line", lambda i: ["passkey", *NO_MODEL, "--lengths", ""], "--lengths is empty",
          env={"LOKITOOL_DEBUG": "0"}),

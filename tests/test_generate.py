@@ -192,7 +192,8 @@ def test_chunked_prefill_equals_one_pass(tiny_gqa):
 def test_e2e_rows_on_a_tiny_random_model():
     from lokitool.bench import e2e
 
-    cfg = e2e.E2EConfig(model="tiny", batch=2, prompt_len=40, new_tokens=3, warmup=1, profile_tokens=2, device="cpu", dtype="float32")
+    cfg = e2e.E2EConfig(model="tiny", batch=2, prompt_len=40, new_tokens=3, warmup=1, profile_tokens=2, device="cpu", dtype="float32",
+                        methods=("full", "full-prealloc", "loki"))
     rows = e2e.run_e2e(cfg)
     assert [r["method"] for r in rows] == ["full", "full-prealloc", "loki"]
     # 2 layers x (K + V) x B=2 x Hkv=2 x (40 prompt + 1 + 3 + 2 fed tokens) x D=16 x 4 bytes

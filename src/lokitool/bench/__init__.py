@@ -5,5 +5,6 @@
     timing.py       CUDA-graph and plain-launch medians, peak memory, copy bandwidth, sync
     kernels.py      bench: config, byte model (Point), methods, the run
     output.py       bench.csv rows and bench.png
-    e2e.py          bench-e2e: greedy decoding with full attention and with Loki
+    e2e.py          bench-e2e: greedy decoding with full attention and with Loki, in the static loop
+                    (one CUDA graph per step, against the memory floor) or the eager one
 """

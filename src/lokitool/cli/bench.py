@@ -23,7 +23,7 @@ def bench(
     kf: float = typer.Option(0.25, help="Fraction of cached tokens kept: k = max(1, floor(kf x length))."),
     df: float = typer.Option(0.25, help="Fraction of key dims scored: d = round(df x D)."),
     dtype: Optional[str] = typer.Option(None, help="float16 or bfloat16 [default: float16; with --e2e: auto]."),
-    methods: Optional[str] = typer.Option(None, help="Comma-separated: sdpa, loki-torch, loki-triton [with --e2e: full, full-prealloc, loki]."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated: sdpa, loki-torch, loki-triton [with --e2e: full-graph, loki-graph (the static loop), full, full-prealloc, loki (the eager loop)]."),
     group: str = typer.Option("head", help="Selection granularity: head (per query head) or kv (shared per KV head)."),
     layout: str = typer.Option("split", help="loki-triton's key layout: split (d scored dims in their own plane) or plain."),
     output_path: Path = typer.Option(Path("runs/bench"), help="Folder for bench.csv (rows appended), bench.json and bench.png."),
@@ -38,8 +38,9 @@ def bench(
 
         bench_e2e_command(
             model=model or "default", batch_size=batch_size or "1", prompt_len=seq_len or "512", new_tokens=32, kf=kf, df=df,
-            methods=methods or "full,full-prealloc,loki", calibration=None, basis="post", group=group, warmup=4,
-            profile_tokens=8, prefill_chunk=2048, output_path=output_path, device=device, dtype=dtype or "auto",
+            methods=methods or "full-graph,loki-graph", calibration=None, basis="post", group=group, warmup=4,
+            profile_tokens=8, prefill_chunk=2048, fill="random", eager_tokens=2, compile_parts=False, output_path=output_path,
+            device=device, dtype=dtype or "auto",
         )
         return
     from ..bench import kernels as lib

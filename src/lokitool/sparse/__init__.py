@@ -6,6 +6,7 @@
     peers.py       SparQ, Quest, Double Sparsity and the byte model per decode step
     attention.py   MethodSpec and `patched`: a model's attention through a method (eval)
     cache.py       LokiCache: keys stored rotated, preallocated
-    generation.py  decode handlers over the cache and the greedy loop
+    generation.py  decode handlers over the cache and the greedy loop (eager; picks the static loop on CUDA)
+    static.py      the static decode loop: preallocated cache, lengths on the device, one CUDA graph per step
     decode.py      every method at decode time (eval --tasks)
 """

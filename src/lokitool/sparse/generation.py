@@ -29,7 +29,7 @@ from torch import nn
 from ..calib.calibration import Calibration
 from ..calib.dispatch import Handler, exact_attention, plain_causal, route_attention, visible_keys
 from ..calib.models import ModelFacts, attention_modules
-from . import bases
+from . import bases, static
 from . import reference as loki
 from .cache import LokiCache, rotate_into
 from .reference import LokiSpec
@@ -215,9 +215,20 @@ def generate_with(
     calibration: Calibration | None = None,
     *,
     loki_prefill: bool = False,
+    static_loop: bool | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """`generate` with full attention (spec None) or Loki at `spec`; the cache is made here."""
+    """`generate` with full attention (spec None) or Loki at `spec`; the cache is made here.
+    static_loop: the static-cache loop of static.py (on CUDA its step is one CUDA graph replay);
+    default: on CUDA for the models it supports, else the eager loop over a growing cache."""
+    if static_loop is None:
+        static_loop = ids.device.type == "cuda" and static.supports(facts, loki_prefill)
+    if static_loop:
+        cache = static.StaticCache(
+            facts, batch=ids.shape[0], capacity=ids.shape[1] + max_new_tokens, dtype=model.get_input_embeddings().weight.dtype,
+            device=ids.device, bases=None if spec is None else loki_bases(spec, calibration, facts), spec=spec,
+        )
+        return static.generate_static(model, ids, max_new_tokens, cache, **kwargs)
     if spec is None:
         return generate(model, ids, max_new_tokens, new_cache(None, None, None), **kwargs)
     cache = new_cache(spec, loki_bases(spec, calibration, facts), ids.shape[1] + max_new_tokens)

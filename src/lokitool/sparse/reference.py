@@ -524,3 +524,13 @@ def decode_attention(
     scores = decode_scores(q_rot, k_rot, d=spec.dims(q_rot.shape[-1]), group=spec.group)
     top = decode_topk(scores, lengths, spec.max_budget(k_rot.shape[2]))
     return decode_gather_attention(q_rot, k_rot, v, top, budgets, scaling=scaling, group=spec.group)
+
+
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *, scaling: float) -> torch.Tensor:
+    """Full attention of one query per sequence, q [B, H, D], over the first lengths[b] rows of
+    k, v [B, Hkv, S, D]: [B, H, D] float32 (the oracle of kernels/decode_full.py, and its CPU path)."""
+    h = q.shape[1]
+    logits = torch.einsum("bhd,bhsd->bhs", q.float(), expand_kv(k, h).float()) * scaling  # [B, H, S]
+    valid = torch.arange(k.shape[2], device=q.device)[None, :] < lengths.to(q.device)[:, None]  # [B, S]
+    weights = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("bhs,bhsd->bhd", weights, expand_kv(v, h).float())

@@ -1,0 +1,423 @@
+"""The static decode loop: a preallocated cache, lengths on the GPU, the whole step one CUDA graph.
+
+    StaticCache  a transformers Cache holding, per layer, keys and values at full capacity
+                 [B, Hkv, C, D], allocated once. Full attention stores keys as they come; Loki stores
+                 them rotated into the PCA basis and split in the two-plane layout of the kernels
+                 (kernels/layout.py LokiKeys: low [B, Hkv, C, d] scored dims, high [B, Hkv, C, D - d]).
+                 `positions` [B] (int64, on the device) counts the tokens each sequence holds.
+    static_attention  routes the model's attention (transformers' own model code, through
+                 `dispatch.route_attention`) to the cache: exact attention at prefill, and at decode
+                 one kernel over the whole capacity that reads the valid lengths on the device:
+                 `kernels.full_decode` or `kernels.loki_decode` on CUDA, the oracles
+                 `reference.dense_decode_attention` / `reference.decode_attention` elsewhere.
+    StaticDecoder  prefill (eager, in chunks) and the decode step. A step reads the token it feeds
+                 from a device buffer and writes the greedy token back into it, writes the new key
+                 and value at `positions` (scatter, no host value involved) and advances `positions`:
+                 nothing in it depends on a host number that changes between steps, so on CUDA it is
+                 captured once in a `torch.cuda.CUDAGraph` and every later step is one replay. On
+                 CUDA the write (rotation and split included) and the query rotation are one kernel
+                 each (kernels/cache_write.py; LOKITOOL_FUSED_WRITE=0 falls back to PyTorch ops).
+    compiled_parts  optional: the model's RMS norms, MLPs and rotary function through torch.compile
+                 (fewer, fused kernels per step); the attention and the cache stay as above.
+Inputs are unpadded (every sequence of a batch starts with the same prompt length); models with
+sliding-window layers, soft-capping or sink logits keep the eager loop (`supports`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..calib.dispatch import exact_attention, route_attention
+from ..calib.models import ModelFacts, attention_modules
+from . import reference as loki
+from .cache import rotate_into
+from .reference import LokiSpec
+
+
+def _kernels():
+    """lokitool.kernels (imports triton: only on CUDA)."""
+    from .. import kernels
+
+    return kernels
+
+
+def supports(facts: ModelFacts, loki_prefill: bool = False) -> bool:
+    """Whether the static loop can run this model: one full-attention length per sequence."""
+    return not (facts.sliding_layers or facts.softcap is not None or facts.attention_sinks or loki_prefill)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+class StaticLayer(DynamicLayer):
+    """One layer: keys (one tensor, or the two Loki planes) and values at full capacity.
+
+    `keys` / `values` stay views of the first `seen` tokens (host count, advanced by prefill and by
+    the decoder), so transformers' length and mask-size methods keep working at prefill."""
+
+    def __init__(self, owner: "StaticCache", basis: torch.Tensor | None, d: int | None):
+        super().__init__()
+        b, hkv, cap, dim = owner.batch, owner.num_kv_heads, owner.capacity, owner.head_dim
+        new = lambda *shape: torch.zeros(*shape, dtype=owner.dtype, device=owner.device)  # noqa: E731
+        self.owner = owner
+        self.basis = None if basis is None else basis.float().to(owner.device).contiguous()  # [Hkv, D, D], directions as columns
+        self.k = new(b, hkv, cap, dim) if basis is None else None  # [B, Hkv, C, D]
+        self.low = new(b, hkv, cap, d) if basis is not None else None  # [B, Hkv, C, d]
+        self.high = new(b, hkv, cap, dim - d) if basis is not None else None  # [B, Hkv, C, D - d]
+        self.v = new(b, hkv, cap, dim)
+        self.device, self.dtype = owner.device, owner.dtype
+        self.is_initialized = True
+        self._expose()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        pass  # allocated up front
+
+    def _expose(self) -> None:
+        n = self.owner.seen
+        self.keys = (self.k if self.k is not None else self.low)[:, :, :n]
+        self.values = self.v[:, :, :n]
+
+    def joined_keys(self, n: int) -> torch.Tensor:
+        """The first n keys as one [B, Hkv, n, D] tensor (a copy for the Loki planes)."""
+        if self.k is not None:
+            return self.k[:, :, :n]
+        return torch.cat([self.low[:, :, :n], self.high[:, :, :n]], dim=-1)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor, at) -> None:
+        key_states = rotate_into(key_states, self.basis)
+        if self.k is not None:
+            at(self.k, key_states)
+        else:
+            d = self.low.shape[-1]
+            at(self.low, key_states[..., :d])
+            at(self.high, key_states[..., d:])
+        at(self.v, value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new post-RoPE keys (rotated for Loki) and values [B, Hkv, s, D].
+        Decoding (s = 1): written at `positions` on the device; returns the whole buffers (the decode
+        handler reads the cache itself). Prefill: written after the `seen` tokens; returns every
+        cached key (rotated, joined) and value, [B, Hkv, seen + s, D], for exact attention."""
+        owner = self.owner
+        if owner.decoding and owner.fused:  # one kernel: rotate, split, write key and value at positions
+            kernels = _kernels()
+            k_dst = self.k if self.k is not None else kernels.LokiKeys(self.low, self.high)
+            kernels.write_decode_kv(key_states[:, :, 0], value_states[:, :, 0], owner.positions, k_dst=k_dst, v_dst=self.v, basis=self.basis)
+            return (self.k if self.k is not None else self.low), self.v
+        if owner.decoding:
+            index = owner.positions[:, None, None, None]  # [B, 1, 1, 1]
+
+            def at(buffer, new):  # buffer[b, :, positions[b]] = new[b, :, 0]
+                buffer.scatter_(2, index.expand(new.shape), new)
+
+            self._write(key_states, value_states, at)
+            return (self.k if self.k is not None else self.low), self.v
+        n, s = owner.seen, key_states.shape[2]
+        if n + s > owner.capacity:
+            raise ValueError(f"static cache is full: {n + s} tokens do not fit its capacity {owner.capacity}")
+
+        def at(buffer, new):
+            buffer[:, :, n : n + s] = new
+
+        self._write(key_states, value_states, at)
+        return self.joined_keys(n + s), self.v[:, :, : n + s]
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def get_max_cache_shape(self) -> int:  # the name in older transformers
+        return self.owner.capacity
+
+    def reset(self) -> None:
+        self._expose()
+
+    def offload(self):
+        raise NotImplementedError("the static cache does not support offloading")
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.k, self.low, self.high, self.v) if t is not None)
+
+
+class StaticCache(Cache):
+    """Every layer preallocated for `capacity` tokens of `batch` sequences.
+
+    bases None: full attention (keys as they come). bases [L, Hkv, D, D] with a `spec`: Loki (keys
+    rotated, split after d = spec.dims(D))."""
+
+    def __init__(self, facts: ModelFacts, *, batch: int, capacity: int, dtype: torch.dtype, device: torch.device,
+                 bases: torch.Tensor | None = None, spec: LokiSpec | None = None):
+        if (bases is None) != (spec is None):
+            raise ValueError("give Loki bases and a spec together, or neither (full attention)")
+        self.batch, self.capacity, self.dtype, self.device = batch, capacity, dtype, torch.device(device)
+        self.num_kv_heads, self.head_dim = facts.num_kv_heads, facts.head_dim
+        self.spec = spec
+        self.seen = 0  # tokens every sequence holds, on the host (prefill; advanced by the decoder)
+        self.decoding = False  # set by the decoder around a decode step
+        # decode-step writes and query rotations through kernels/cache_write.py (CUDA; LOKITOOL_FUSED_WRITE=0: PyTorch ops)
+        self.fused = self.device.type == "cuda" and os.environ.get("LOKITOOL_FUSED_WRITE", "1") != "0"
+        self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)  # [B] tokens held
+        self.lengths = torch.ones(batch, dtype=torch.int32, device=self.device)  # [B] keys a decode step sees
+        d = spec.dims(facts.head_dim) if spec is not None else None
+        per_layer = [None] * facts.num_layers if bases is None else list(bases)
+        super().__init__(layers=[StaticLayer(self, basis, d) for basis in per_layer])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def advance_host(self, n: int) -> None:
+        """Count n more tokens in every sequence on the host (the device count is `positions`)."""
+        self.seen += n
+        for layer in self.layers:
+            layer._expose()
+
+    def fill_random(self, length: int, generator: torch.Generator | None = None) -> None:
+        """Stand-in for a prefill of `length` tokens (benchmarks: decode speed does not depend on
+        what the cache holds): random normal keys and values, every sequence holding `length`."""
+        if not 1 <= length <= self.capacity:
+            raise ValueError(f"length {length} must lie in [1, {self.capacity}]")
+        for layer in self.layers:
+            for t in (layer.k, layer.low, layer.high, layer.v):
+                if t is not None:
+                    t[:, :, :length].normal_(generator=generator)
+        self.seen = 0
+        self.advance_host(length)
+        self.positions.fill_(length)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def decode_attention_fn(spec: LokiSpec | None, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The one place that picks the static loop's decode attention: (q [B, H, D], layer, lengths
+    [B] int32, scaling) -> [B, H, D]. Triton kernels on CUDA, the pure-PyTorch oracles elsewhere."""
+    if device.type == "cuda":
+        from ..kernels import LokiKeys, full_decode, loki_decode  # imports triton: only on CUDA
+
+        if spec is None:
+            return lambda q, layer, lengths, scaling: full_decode(q, layer.k, layer.v, lengths, scaling=scaling)
+        return lambda q, layer, lengths, scaling: loki_decode(q, LokiKeys(layer.low, layer.high), layer.v, lengths, spec=spec, scaling=scaling)
+    if spec is None:
+        return lambda q, layer, lengths, scaling: loki.dense_decode_attention(q, layer.k, layer.v, lengths, scaling=scaling)
+    return lambda q, layer, lengths, scaling: loki.decode_attention(
+        q, layer.joined_keys(layer.owner.capacity), layer.v, lengths, spec=spec, scaling=scaling
+    )
+
+
+@contextlib.contextmanager
+def static_attention(model: nn.Module, cache: StaticCache) -> Iterator[None]:
+    """Route the model's attention to the static cache while the block runs."""
+    decode = decode_attention_fn(cache.spec, cache.device)
+
+    def make_handler(module: nn.Module):
+        layer = cache.layers[module.layer_idx]
+
+        def handler(mod, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            if not cache.decoding:
+                q = rotate_into(query, layer.basis)  # [B, H, Sq, D]
+                return exact_attention(mod, q, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+            q = query[:, :, 0]  # [B, H, D]
+            if layer.basis is not None:
+                q = _kernels().rotate_queries(q, layer.basis) if cache.fused else rotate_into(query, layer.basis)[:, :, 0]
+            out = decode(q, layer, cache.lengths, scale)  # [B, H, D]
+            return out[:, None].to(query.dtype), None  # [B, 1, H, D]
+
+        return handler
+
+    with route_attention(model, make_handler):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Fewer kernels per step: the model's norms and MLPs through torch.compile
+
+
+def pure_parts(model: nn.Module) -> list[nn.Module]:
+    """The submodules a decode step may run compiled: RMS norms and MLPs (class names ending in
+    `RMSNorm` or `MLP`, as in transformers' Llama-family modeling files). They hold no cache and
+    call no attention, so compiling them cannot change what the attention route sees."""
+    return [m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "MLP"))]
+
+
+_COMPILED: dict[tuple[Callable, str], Callable] = {}
+
+
+@contextlib.contextmanager
+def compiled_parts(model: nn.Module, backend: str = "inductor") -> Iterator[int]:
+    """Run the model's norms, MLPs and rotary-embedding function through torch.compile while the
+    block runs (yields how many were replaced).
+
+    In eager transformers an RMS norm is ~8 kernels, an MLP's activation 2 and the rotary embedding
+    of q and k ~10; compiled, each chain is one or two fused kernels (the matrix multiplies stay
+    cuBLAS). The rotary function is the modeling file's `apply_rotary_pos_emb`, replaced in that
+    module for the duration of the block (attention modules look it up there at each call). Inside a CUDA graph every kernel still
+    costs a few microseconds, so this shortens the step by hundreds of kernels. One compiled
+    function per module class serves all its instances (the weights are inputs, not constants)."""
+    import types
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limits = {name: getattr(config, name) for name in ("recompile_limit", "cache_size_limit") if hasattr(config, name)}
+    for name in limits:
+        setattr(config, name, max(limits[name], 64))  # one entry per input shape and module class
+    parts = pure_parts(model)
+    # the modeling files' rotary function, which attention modules look up as a module global
+    modules = {sys.modules[type(m).__module__] for m in attention_modules(model)}
+    rotary = {mod: mod.apply_rotary_pos_emb for mod in modules if callable(getattr(mod, "apply_rotary_pos_emb", None))}
+    try:
+        for m in parts:
+            m.forward = types.MethodType(_compiled(type(m).forward, backend), m)  # an instance attribute: deleted below
+        for mod, fn in rotary.items():
+            mod.apply_rotary_pos_emb = _compiled(fn, backend)
+        yield len(parts) + len(rotary)
+    finally:
+        for m in parts:
+            m.__dict__.pop("forward", None)
+        for mod, fn in rotary.items():
+            mod.apply_rotary_pos_emb = fn
+        for name, value in limits.items():
+            setattr(config, name, value)
+
+
+def _compiled(fn: Callable, backend: str) -> Callable:
+    """torch.compile(fn), kept for the process: a second block reuses what was compiled."""
+    key = (fn, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False)
+    return _COMPILED[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class StaticDecoder:
+    """Greedy decoding over a StaticCache: `prefill` (eager), then `step` (a graph replay once
+    `capture` has run; plain calls before, and always on the CPU). Use inside `static_attention`."""
+
+    def __init__(self, model: nn.Module, cache: StaticCache):
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.device)  # [B, 1] fed next
+        self.logits: torch.Tensor | None = None  # [B, V] of the last step (a static buffer under a graph)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: self.cache}, **self._keep_last, **kwargs)
+        return out.logits[:, -1].float()  # [B, V]
+
+    def prefill(self, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Feed the prompt ids [B, S] after what the cache holds; the greedy next token [B]."""
+        cache = self.cache
+        cache.decoding = False
+        step = chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            piece = ids[:, start : start + step]
+            logits = self._forward(piece)
+            cache.advance_host(piece.shape[1])
+        cache.positions.fill_(cache.seen)
+        token = logits.argmax(-1)
+        self.token.copy_(token[:, None])
+        return token
+
+    def _step(self) -> None:
+        """One decode step on device buffers only: feed `token`, write the greedy one back."""
+        cache = self.cache
+        cache.lengths.copy_(cache.positions + 1)  # the keys this step sees, its own included
+        logits = self._forward(self.token, position_ids=cache.positions[:, None])
+        self.token.copy_(logits.argmax(-1, keepdim=True))
+        cache.positions.add_(1)
+        self.logits = logits
+
+    def capture(self) -> None:
+        """Capture `_step` in a CUDA graph (after a warm-up step on the capture stream that compiles
+        and autotunes the kernels and builds loki_decode's plan; its effects are undone)."""
+        cache = self.cache
+        token, positions = self.token.clone(), cache.positions.clone()
+        stream = torch.cuda.Stream(cache.device)
+        stream.wait_stream(torch.cuda.current_stream(cache.device))
+        graph = torch.cuda.CUDAGraph()
+        cache.decoding = True
+        try:
+            with torch.cuda.stream(stream):
+                self._step()  # writes the slot the first real step overwrites
+                self.token.copy_(token)
+                cache.positions.copy_(positions)
+                with torch.cuda.graph(graph, stream=stream):
+                    self._step()
+        finally:
+            cache.decoding = False
+        torch.cuda.current_stream(cache.device).wait_stream(stream)
+        self.graph = graph
+
+    def step(self) -> torch.Tensor:
+        """One greedy token [B] (a view of the device buffer: clone it to keep it past the next step)."""
+        cache = self.cache
+        if cache.seen + 1 > cache.capacity:
+            raise ValueError(f"static cache is full: capacity {cache.capacity}")
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            cache.decoding = True
+            try:
+                self._step()
+            finally:
+                cache.decoding = False
+        cache.advance_host(1)
+        return self.token[:, 0]
+
+
+def generate_static(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    cache: StaticCache,
+    *,
+    graph: bool | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    stop_token: int | None = None,
+    prefill_chunk: int | None = None,
+) -> torch.Tensor:
+    """Greedy continuation of ids [B, S] in the static loop: the new tokens [B, <= max_new_tokens].
+    graph: capture the step in a CUDA graph (default: on CUDA). Stops once every sequence has
+    produced `stop_token`."""
+    if max_new_tokens < 1:
+        return ids.new_empty(ids.shape[0], 0)
+    graph = cache.device.type == "cuda" if graph is None else graph
+    out = []
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    with static_attention(model, cache), torch.no_grad():
+        decoder = StaticDecoder(model, cache)
+        token = decoder.prefill(ids, prefill_chunk)
+        for i in range(max_new_tokens):
+            if i:
+                if graph and decoder.graph is None:
+                    decoder.capture()
+                token = decoder.step().clone()
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if stop_token is not None:
+                done |= token == stop_token
+                if bool(done.all()):
+                    break
+    return torch.stack(out, dim=1)

@@ -1,0 +1,130 @@
+"""The static decode loop (sparse/static.py), run eagerly on the CPU: the same greedy tokens as the
+eager loops, the cache layout and device-side positions, prefill in chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_tokens, tiny_calibrated
+
+from lokitool.sparse import generation as gen
+from lokitool.sparse import static
+from lokitool.sparse.reference import LokiSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa():
+    """A GQA decoder (6 query heads over 2 KV heads) and a calibration made on its own keys."""
+    return tiny_calibrated()
+
+
+def test_full_attention_in_the_static_loop_generates_what_the_eager_loop_does(tiny_gqa):
+    loaded, _ = tiny_gqa
+    ids = random_tokens(2, 20, seed=3)
+    eager = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=True)
+    assert eager.shape == got.shape == (2, 30)
+    assert torch.equal(got, eager)
+
+
+def test_loki_at_full_budgets_in_the_static_loop_equals_full_attention(tiny_gqa):
+    loaded, cal = tiny_gqa
+    ids = random_tokens(2, 20, seed=3)
+    full = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, LokiSpec(kf=1.0, df=1.0), cal, static_loop=True)
+    assert torch.equal(got, full)
+
+
+@pytest.mark.parametrize("group", ["head", "kv"])
+def test_loki_in_the_static_loop_equals_the_eager_loki_loop(tiny_gqa, group):
+    loaded, cal = tiny_gqa
+    ids = random_tokens(2, 24, seed=5)
+    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    eager = gen.generate_with(loaded.model, loaded.facts, ids, 30, spec, cal, static_loop=False)
+    got = gen.generate_with(loaded.model, loaded.facts, ids, 30, spec, cal, static_loop=True)
+    assert torch.equal(got, eager)
+    full = gen.generate_with(loaded.model, loaded.facts, ids, 30, None, static_loop=False)
+    assert not torch.equal(got, full)  # selection really happens at kf = 0.25
+
+
+def test_cache_holds_rotated_split_keys_and_positions_on_the_device(tiny_gqa):
+    loaded, cal = tiny_gqa
+    facts = loaded.facts
+    spec = LokiSpec(kf=0.5, df=0.25)
+    bases = gen.loki_bases(spec, cal, facts)
+    ids = random_tokens(2, 21, seed=7)
+    cache = static.StaticCache(facts, batch=2, capacity=40, dtype=torch.float32, device=torch.device("cpu"), bases=bases, spec=spec)
+    layer = cache.layers[1]
+    d = spec.dims(facts.head_dim)
+    assert layer.low.shape == (2, 2, 40, d) and layer.high.shape == (2, 2, 40, facts.head_dim - d) and layer.k is None
+    with static.static_attention(loaded.model, cache), torch.no_grad():
+        decoder = static.StaticDecoder(loaded.model, cache)
+        decoder.prefill(ids, chunk=8)  # three chunks: 8, 8, 5
+        assert cache.seen == 21 and cache.positions.tolist() == [21, 21]
+        for _ in range(3):
+            decoder.step()
+    assert cache.seen == 24 and cache.positions.tolist() == [24, 24] and cache.lengths.tolist() == [24, 24]
+    # the same tokens through the eager Loki cache: keys rotated by the basis, split after d
+    eager = gen.new_cache(spec, bases, 40)
+    with gen.loki_attention(loaded.model, eager, spec), torch.no_grad():
+        first = gen.prefill(loaded.model, ids, eager)
+        gen.decode_n_tokens(loaded.model, first, eager, 3)
+    want = eager.layers[1].keys  # [B, Hkv, 24, D] rotated
+    torch.testing.assert_close(layer.joined_keys(24), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.v[:, :, :24], eager.layers[1].values, rtol=1e-5, atol=1e-5)
+    assert bool((layer.v[:, :, 24:] == 0).all())  # nothing written past the positions
+
+
+def test_static_cache_refuses_to_overflow(tiny_gqa):
+    loaded, _ = tiny_gqa
+    cache = static.StaticCache(loaded.facts, batch=1, capacity=12, dtype=torch.float32, device=torch.device("cpu"))
+    with static.static_attention(loaded.model, cache), torch.no_grad():
+        decoder = static.StaticDecoder(loaded.model, cache)
+        decoder.prefill(random_tokens(1, 11), chunk=None)
+        decoder.step()
+        with pytest.raises(ValueError, match="static cache is full"):
+            decoder.step()
+
+
+@pytest.mark.parametrize("fill", ["random", "prefill"])
+def test_e2e_rows_of_the_static_loop_report_the_memory_floor(fill):
+    from lokitool.bench import e2e
+    from lokitool.bench.presets import PRESETS
+
+    cfg = e2e.E2EConfig(model="tiny", batch=2, prompt_len=40, new_tokens=3, warmup=1, eager_tokens=1, device="cpu", dtype="float32",
+                        fill=fill)
+    rows = e2e.run_e2e(cfg)
+    assert [r["method"] for r in rows] == ["full-graph", "loki-graph"]
+    p = PRESETS["tiny"]
+    # weights read per step: all but the (untied) input embedding, float32
+    weights = sum(t.numel() for t in e2e.load("tiny", "cpu", "float32").model.parameters()) * 4 - p.vocab_size * p.hidden_size * 4
+    context = 40 + 2 + 1 + (3 - 1) / 2  # prompt, 2 plain steps (1 untimed), 1 warm-up step, then the mean of 3 timed steps
+    kv = 2 * p.num_hidden_layers * 2 * p.num_key_value_heads * p.head_dim * context * 4
+    for r in rows:
+        assert r["graph"] is False and r["eager_ms"] > 0 and r["finite_logits"]
+        assert r["weights_gb"] == pytest.approx(weights / 1e9) and r["floor_gb"] == pytest.approx((weights + kv) / 1e9)
+        assert r["floor_ms"] == pytest.approx(r["floor_gb"] / r["bandwidth_gbs"] * 1e3)
+        assert r["x_floor"] == pytest.approx(r["per_token_ms"] / r["floor_ms"]) and r["floor_fraction"] == pytest.approx(1 / r["x_floor"])
+        # K + V, B=2, Hkv=2, capacity 40 + 2 + 1 + 3 tokens, D=16, 2 layers, float32: the Loki planes hold as many bytes
+        assert r["cache_mb"] == pytest.approx(2 * 2 * 2 * 2 * 46 * 16 * 4 / 2**20)
+        assert (r["prefill_s"] is None) == (fill == "random")
+    assert rows[0]["speedup_vs_full_graph"] == 1.0 and rows[1]["d"] == 4 and rows[0]["speedup_vs_full"] is None
+
+
+def test_compiled_norms_and_mlps_give_the_same_tokens_and_are_removed_after(tiny_gqa):
+    loaded, cal = tiny_gqa
+    model = loaded.model
+    ids = random_tokens(2, 20, seed=3)
+    spec = LokiSpec(kf=0.25, df=0.25)
+    want = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    import sys
+
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    norm_forward, rotary = type(model.model.norm).forward, modeling.apply_rotary_pos_emb
+    with static.compiled_parts(model, backend="aot_eager") as count:
+        assert count == 2 * 3 + 1 + 1  # per layer two norms and an MLP, the final norm, the rotary function
+        assert model.model.norm.forward.__func__ is not norm_forward and modeling.apply_rotary_pos_emb is not rotary
+        got = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    assert torch.equal(got, want)
+    assert "forward" not in model.model.norm.__dict__ and model.model.norm.forward.__func__ is norm_forward
+    assert modeling.apply_rotary_pos_emb is rotary
