@@ -4,6 +4,7 @@ recorded and replayed, padding, a dot for the interpreter."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import triton
@@ -17,6 +18,14 @@ def interpreting() -> bool:
 
 def pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(int(x)))
+
+
+@functools.cache
+def multiprocessors(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def autotuning() -> bool:

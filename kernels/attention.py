@@ -14,13 +14,11 @@ kept row is read once for all of them).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, multiprocessors, pow2, upcast_dot  # noqa: F401
 from .layout import Keys, LokiKeys
 
 LOG2E = 1.4426950408889634
@@ -154,12 +152,6 @@ def _merge_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
-
-
-@functools.cache
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def num_splits(rows: int, kmax: int, num_sms: int) -> int:

@@ -78,13 +78,13 @@ class _Plan:
         device = q_rot.device
         self.rows = h if spec.group == "head" else hkv
         self.kmax = spec.max_budget(s)
-        self.block = select.tile(s)
-        self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
+        num_sms = attention.multiprocessors(device)
+        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.choose_mode(b * self.rows, s, num_sms))
+        self.nsplit = attention.num_splits(b * self.rows, self.kmax, num_sms)
         f32 = dict(dtype=torch.float32, device=device)
         self.budgets = torch.empty(b, dtype=torch.int32, device=device)
         self.scores = torch.empty(b, self.rows, s, **f32)  # [B, R, S]
         self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
-        self.select_ws = select.workspace(b, self.rows, s, self.block, device)
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
         self.spec, self.d = spec, d
@@ -95,7 +95,7 @@ class _Plan:
         group_kv = self.spec.group == "kv"
         select._launch_budgets(lengths=lengths, budgets=self.budgets, kf=self.spec.kf)  # [B] k = max(1, floor(kf x length))
         score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv)
-        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, block=self.block, **self.select_ws)
+        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
         qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
         attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
                           lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit)

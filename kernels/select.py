@@ -14,9 +14,14 @@ gives the group offsets. Writing from one program per row instead cost as much a
 Rows with ties at the threshold (more keys equal to it than needed) are written by their row
 program, in token order.
 
-Rows longer than the register tile (BLOCK) go to a second kernel: a 512-bin histogram of the top 9
-key bits (sign and exponent), then 32-bin histograms of 5 more bits while the bucket holding the
-k-th key is larger than BLOCK, then that bucket is compacted into a scratch tile and bisected.
+Split mode (`choose_mode`): rows too few to fill the card (batch 1: 40 rows for 132 multiprocessors)
+or longer than the register tile run over a grid of chunks x rows instead. Three radix passes find
+the k-th largest key exactly (digits of 11, 11 and 10 bits): each program histograms its chunk's
+keys that match the prefix fixed so far and adds the nonzero bins into the row's histogram; the
+next pass picks the bin holding the k-th key from it. The last pass also stores, per chunk, its
+keys above the 22-bit prefix and the suffix sums of its last-digit histogram, so the write pass
+(a program per chunk again) knows from the threshold alone how many tokens earlier chunks keep,
+ties included. Four launches, each reading the row's scores (in L2 by then) once.
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
@@ -27,13 +32,14 @@ in float64, as the oracle's token_budget computes them, in one launch instead of
 
 from __future__ import annotations
 
+import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, keep_configs, launch, launch_args, pow2
+from ._common import Pinned, keep_configs, launch, launch_args, multiprocessors, pow2
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -217,65 +223,139 @@ def _write_kernel(
         tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
+# Split selection: one row over many programs (a grid of chunks x rows), for rows too few to fill the
+# card (batch 1) and rows longer than the register tile. Three radix passes over the keys find the
+# row's k-th largest key exactly: 11, 11 and 10 bits, each pass a histogram per chunk added into the
+# row's histogram (atomics on the nonzero bins only), the next pass reading it to pick the bin
+# holding the k-th key. The scores of a row (4 bytes a token) sit in L2 between passes.
+
+
 @triton.jit
-def _select_long_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr, scratch_ptr,
-    stride_sb, stride_sr, stride_ib, stride_ir,
-    num_rows,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
+def _radix_digit(keys, PASS: tl.constexpr):
+    """The PASS-th digit (0, 1, 2) of int32 keys: bits 31..21 (signed, shifted to 0..2047), 20..10, 9..0.
+    Within equal higher digits, lower digits order as the keys do (two's complement)."""
+    if PASS == 0:
+        digit = (keys >> 21) + 1024
+    elif PASS == 1:
+        digit = (keys >> 10) & 2047
+    else:
+        digit = keys & 1023
+    return digit
+
+
+@triton.jit
+def _radix_descend(hist_ptr, state_ptr, kk, PASS: tl.constexpr, NB: tl.constexpr):
+    """(prefix, remaining, inside) after the digit of pass PASS: the key bits fixed so far (signed,
+    as `keys >> shift` gives them), how many of the kk largest keys still lie at or below that
+    prefix, and how many keys share it. Pass 0 starts from the whole row; later passes continue
+    from the (prefix, remaining) the previous pass stored in state_ptr."""
+    bins = tl.arange(0, NB)
+    if PASS == 0:
+        prefix = kk * 0
+        remaining = kk
+    else:
+        prefix = tl.load(state_ptr + 2 * (PASS - 1))
+        remaining = tl.load(state_ptr + 2 * (PASS - 1) + 1)
+    hist = tl.load(hist_ptr + PASS * NB + bins)
+    digit, above, inside = _pick_bin(hist, remaining, NB)
+    if PASS == 0:
+        prefix = digit - 1024
+    elif PASS == 1:
+        prefix = (prefix << 11) | digit
+    else:
+        prefix = (prefix << 10) | digit
+    return prefix, remaining - above, inside
+
+
+@triton.jit
+def _radix_kernel(
+    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr,
+    stride_sb, stride_sr,
+    num_rows, nch,
+    PASS: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
 ):
-    """Rows longer than BLOCK: narrow to one bucket of at most BLOCK keys, then as above."""
-    pid = tl.program_id(0)
+    """Pass PASS (0, 1, 2) of the radix search: the histogram of this chunk's keys whose higher digits
+    match the prefix found so far, added into the row's histogram of this pass. Program 0 of each
+    row keeps the scratch clean: pass 0 zeroes the histograms of passes 1 and 2 (read by the last
+    call until its end), pass 2 zeroes pass 0's (no later reader: pass 1 stored what it found in
+    state). Pass 2 also stores, per chunk, the keys above the 22-bit prefix and the suffix sums of
+    its histogram, so the write pass knows each chunk's offset once the last digit is known."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     b = (pid // num_rows).to(tl.int64)
     r = pid % num_rows
     n = tl.load(lengths_ptr + b)
-    if n > BLOCK:
+    start = c * CH
+    if start < n:
         kk = tl.load(budgets_ptr + b)
-        row_ptr = scores_ptr + b * stride_sb + r * stride_sr
-        offs = tl.arange(0, CHUNK)
-        tokens = tl.arange(0, CHUNK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        bins = tl.arange(0, NB)
+        row_hist = hist_ptr + pid.to(tl.int64) * 3 * NB
+        row_state = state_ptr + pid.to(tl.int64) * 4
+        offs = start + tl.arange(0, CH)
+        valid = offs < n
+        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, offs, n)
+        if PASS == 0:
+            match = valid
+        else:
+            prefix, remaining, inside = _radix_descend(row_hist, row_state, kk, PASS - 1, NB)
+            if c == 0:
+                tl.store(row_state + 2 * (PASS - 1) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, prefix, remaining))
+            if PASS == 1:
+                match = valid & ((keys >> 21) == prefix)
+            else:
+                match = valid & ((keys >> 10) == prefix)
+        hist = tl.histogram(_radix_digit(keys, PASS), NB, mask=match)
+        tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
+        if c == 0:
+            if PASS == 0:
+                tl.store(row_hist + NB + bins, tl.zeros([NB], tl.int32))
+                tl.store(row_hist + 2 * NB + bins, tl.zeros([NB], tl.int32))
+            if PASS == 2:
+                tl.store(row_hist + bins, tl.zeros([NB], tl.int32))
+        if PASS == 2:
+            chunk = pid.to(tl.int64) * nch + c
+            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> 10) > prefix), 1, 0), axis=0))
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] this chunk's keys with digit >= bin
+            tl.store(suffix_ptr + chunk * 1024 + bins, at_or_above, mask=bins < 1024)
 
-        # top 9 bits (sign, exponent): the bucket holding the kk-th largest key
-        hist = tl.zeros([512], dtype=tl.int32)
-        for start in range(0, n, CHUNK):
-            chunk = _load_keys(row_ptr, start + offs, n)
-            hist += tl.histogram((chunk >> 23) + 256, 512, mask=start + offs < n)
-        b9, above, inside = _pick_bin(hist, kk, 512)
-        prefix = b9 - 256
-        resolved = n * 0 + 9
-        while (inside > BLOCK) & (resolved < 32):  # 5 more bits at a time
-            nbits = tl.minimum(32 - resolved, 5)
-            shift = 32 - resolved - nbits
-            sub = tl.zeros([32], dtype=tl.int32)
-            for start in range(0, n, CHUNK):
-                chunk = _load_keys(row_ptr, start + offs, n)
-                match = (start + offs < n) & ((chunk >> (32 - resolved)) == prefix)
-                digit = (chunk >> shift) & ((tl.full([], 1, tl.int32) << nbits) - 1)
-                sub += tl.histogram(digit, 32, mask=match)
-            b5, above5, inside = _pick_bin(sub, kk - above, 32)
-            prefix = (prefix << nbits) | b5
-            resolved += nbits
-            above += above5
 
-        # compact the bucket, in token order, into this row's scratch tile and bisect it there
-        scratch_row = scratch_ptr + pid.to(tl.int64) * BLOCK
-        written = n * 0
-        for start in range(0, n, CHUNK):
-            chunk = _load_keys(row_ptr, start + tokens, n)
-            match = (chunk >> (32 - resolved)) == prefix
-            match = match & (start + tokens < n)
-            pos, n_match = _prefix_rank(match, GROUP)
-            tl.store(scratch_row + written + pos, chunk, mask=match & (written + pos < BLOCK))
-            written += n_match
-        tl.debug_barrier()  # the tile is read back by other threads of this program
-        tile = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        keys = tl.load(scratch_row + tile, mask=tile < tl.minimum(inside, BLOCK), other=-2147483648)
-        lo = prefix.to(tl.int64) << (32 - resolved)  # the bucket's key range: thr must stay inside it
-        hi = lo + (tl.full([], 1, tl.int64) << (32 - resolved)) - 1
-        thr = _kth_key(keys, kk - above, lo, hi)
-        need = kk - above - tl.sum(tl.where(keys > thr, 1, 0))
+@triton.jit
+def _radix_write_kernel(
+    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr, idx_ptr,
+    stride_sb, stride_sr, stride_ib, stride_ir,
+    num_rows, nch,
+    CH: tl.constexpr, NB: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
+):
+    """The kept tokens of one chunk, in token order, at the chunk's offset in the row's list: keys
+    above the threshold, then keys equal to it while the row's ties taken so far (earlier chunks
+    first) stay below the number needed."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // num_rows).to(tl.int64)
+    r = pid % num_rows
+    n = tl.load(lengths_ptr + b)
+    start = c * CH
+    if start < n:
+        kk = tl.load(budgets_ptr + b)
+        row_hist = hist_ptr + pid.to(tl.int64) * 3 * NB
+        thr, need, _ = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 4, kk, 2, NB)
+        low = thr & 1023  # the last digit of the threshold
+        chunks = tl.arange(0, NCH_PAD)
+        earlier = chunks < c
+        base = pid.to(tl.int64) * nch + chunks
+        ge = tl.load(suffix_ptr + base * 1024 + low, mask=earlier, other=0)  # keys == thr or above it in the 22-bit bucket
+        gt_low = tl.load(suffix_ptr + base * 1024 + low + 1, mask=earlier & (chunks * 0 + low < 1023), other=0)
+        above = tl.load(gt_ptr + base, mask=earlier, other=0) + gt_low
+        ties_before = tl.sum(ge - gt_low, axis=0)
+        offset = tl.sum(above, axis=0) + tl.minimum(ties_before, need)
 
-        _emit_row(row_ptr, n, thr, need, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+        tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CH / GROUP, GROUP]
+        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
+        eq = keys == thr
+        tie_rank, _ = _prefix_rank(eq, GROUP)
+        keep = (keys > thr) | (eq & (ties_before + tie_rank < need))
+        pos, _ = _prefix_rank(keep, GROUP)
+        tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
 _SELECT = Pinned(_select_kernel)
@@ -284,40 +364,91 @@ _SELECT = Pinned(_select_kernel)
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-
-def workspace(b: int, rows: int, s: int, block: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Scratch of one selection: each row's threshold, kept counts per write chunk, and (rows longer
-    than the register tile) a tile per row for the bucket being bisected."""
-    nch = max(1, block // WRITE_CHUNK)
-    empty = lambda n: torch.empty(n, dtype=torch.int32, device=device)  # noqa: E731
-    return {"thr": empty(b * rows), "counts": empty(b * rows * nch), "scratch": empty(b * rows * block if s > block else 0)}
+RADIX_BINS = 2048  # bins of each radix pass (digits of 11, 11 and 10 bits)
+MODES = ("auto", "row", "split")
 
 
-def _launch(
-    *, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, block: int,
-    thr: torch.Tensor, counts: torch.Tensor, scratch: torch.Tensor,
-) -> None:
+def split_chunk(s: int) -> int:
+    """Tokens per program of the split selection: programs enough to fill the card at batch 1 (at
+    least 4 per row), each histogram pass a few thousand keys per program."""
+    if s <= 8192:
+        return max(GROUP, min(1024, pow2(triton.cdiv(s, 4))))
+    return 2048 if s <= 32768 else 4096
+
+
+def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
+    """"split" (a row over many programs) for rows longer than the register tile and for too few
+    rows to fill the card (2 per multiprocessor); "row" (a program per row) otherwise.
+    LOKITOOL_SELECT=row|split forces one (for benchmarks comparing them)."""
+    forced = os.environ.get("LOKITOOL_SELECT", "auto")
+    if forced not in MODES:
+        raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
+    if s > pow2(block_cap, 128):
+        return "split"  # the row kernel holds whole rows only
+    if forced != "auto":
+        return forced
+    return "split" if s >= 4096 and total_rows < 2 * num_sms else "row"
+
+
+class SelectPlan:
+    """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
+    holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
+    tokens, a program each (radix histograms [B x R, 3, RADIX_BINS], kept zero between calls;
+    per-row state; per-chunk counts and suffix sums)."""
+
+    def __init__(self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP, chunk: int | None = None):
+        assert mode in ("row", "split"), mode
+        self.mode = mode
+        i32 = dict(dtype=torch.int32, device=device)
+        if mode == "row":
+            self.block = tile(s, block_cap)
+            assert s <= self.block, (s, self.block)
+            nch = max(1, self.block // WRITE_CHUNK)
+            self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
+        else:
+            self.chunk = chunk or split_chunk(s)
+            assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
+            self.nch = triton.cdiv(s, self.chunk)
+            self.ws = {
+                "hist": torch.zeros(b * rows * 3 * RADIX_BINS, **i32),  # zero on entry: each call leaves it so
+                "state": torch.empty(b * rows * 4, **i32),
+                "gt": torch.empty(b * rows * self.nch, **i32),
+                "suffix": torch.empty(b * rows * self.nch * 1024, **i32),
+            }
+
+
+def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
     b, rows, s = scores.shape
-    nch = max(1, block // WRITE_CHUNK)
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
     assert idx.shape[:2] == (b, rows) and idx.dtype == torch.int32 and idx.stride(-1) == 1
-    assert block == triton.next_power_of_2(block) and block >= 128, block
-    assert thr.numel() == b * rows and counts.numel() == b * rows * nch and (s <= block or scratch.numel() == b * rows * block)
+    strides = dict(stride_sb=scores.stride(0), stride_sr=scores.stride(1))
+    if plan.mode == "split":
+        ws = plan.ws
+        assert ws["hist"].numel() == b * rows * 3 * RADIX_BINS and ws["suffix"].numel() == b * rows * plan.nch * 1024
+        common = dict(
+            scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], state_ptr=ws["state"],
+            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
+        )
+        warps = 8 if plan.chunk >= 2048 else 4
+        for p in range(3):
+            launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
+        launch(
+            _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),
+            NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=warps,
+        )
+        return
+    block = plan.block
+    nch = max(1, block // WRITE_CHUNK)
+    thr, counts = plan.ws["thr"], plan.ws["counts"]
+    assert block == triton.next_power_of_2(block) and block >= 128 and s <= block, (block, s)
+    assert thr.numel() == b * rows and counts.numel() == b * rows * nch
     common = dict(
-        scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, idx_ptr=idx,
-        stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
-        num_rows=rows, BLOCK=block, GROUP=GROUP,
+        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts, **strides,
+        stride_ib=idx.stride(0), stride_ir=idx.stride(1), num_rows=rows, BLOCK=block, GROUP=GROUP, NCH=nch,
     )
-    _SELECT.launch((b * rows,), (), thr_ptr=thr, counts_ptr=counts, **common, NCH=nch)
-    launch(
-        _write_kernel, (nch, b * rows),
-        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts,
-        stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
-        num_rows=rows, BLOCK=block, NCH=nch, GROUP=GROUP, num_warps=4,
-    )
-    if s > block:
-        launch(_select_long_kernel, (b * rows,), scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
+    _SELECT.launch((b * rows,), (), budgets_ptr=budgets, **common)
+    launch(_write_kernel, (nch, b * rows), **common, num_warps=4)
 
 
 def _launch_budgets(*, lengths: torch.Tensor, budgets: torch.Tensor, kf: float) -> None:
@@ -347,18 +478,25 @@ def tile(s: int, block_cap: int = DEFAULT_BLOCK_CAP) -> int:
 
 
 def select_topk(
-    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP
+    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP,
+    mode: str = "auto", chunk: int | None = None,
 ) -> torch.Tensor:
     """Kept token indices [B, R, kmax] int32 of scores [B, R, S]: row (b, r) lists its budgets[b]
-    largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined."""
+    largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined.
+    mode "row" (a program per row, rows up to block_cap), "split" (chunks of `chunk` tokens over many
+    programs) or "auto" (choose_mode)."""
     b, rows, s = scores.shape
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
-    block = tile(s, block_cap)
+    if mode == "auto" or s > pow2(block_cap, 128):
+        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap) if mode == "auto" else "split"
     if lengths.dtype != torch.int32:
         lengths = lengths.to(torch.int32)
     if budgets.dtype != torch.int32:
         budgets = budgets.to(torch.int32)
-    _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, block=block, **workspace(b, rows, s, block, scores.device))
+    plan = SelectPlan(b, rows, s, scores.device, mode=mode, block_cap=block_cap, chunk=chunk)
+    _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
     return idx
 
 
