@@ -78,9 +78,8 @@ class _Plan:
         device = q_rot.device
         self.rows = h if spec.group == "head" else hkv
         self.kmax = spec.max_budget(s)
-        num_sms = attention.multiprocessors(device)
-        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.choose_mode(b * self.rows, s, num_sms))
-        self.nsplit = attention.num_splits(b * self.rows, self.kmax, num_sms)
+        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.selection_mode(b * self.rows, s, device))
+        self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
         f32 = dict(dtype=torch.float32, device=device)
         self.budgets = torch.empty(b, dtype=torch.int32, device=device)
         self.scores = torch.empty(b, self.rows, s, **f32)  # [B, R, S]

@@ -15,13 +15,13 @@ Rows with ties at the threshold (more keys equal to it than needed) are written 
 program, in token order.
 
 Split mode (`choose_mode`): rows too few to fill the card (batch 1: 40 rows for 132 multiprocessors)
-or longer than the register tile run over a grid of chunks x rows instead. Three radix passes find
-the k-th largest key exactly (digits of 11, 11 and 10 bits): each program histograms its chunk's
-keys that match the prefix fixed so far and adds the nonzero bins into the row's histogram; the
-next pass picks the bin holding the k-th key from it. The last pass also stores, per chunk, its
-keys above the 22-bit prefix and the suffix sums of its last-digit histogram, so the write pass
-(a program per chunk again) knows from the threshold alone how many tokens earlier chunks keep,
-ties included. Four launches, each reading the row's scores (in L2 by then) once.
+or longer than the register tile run over a grid of chunks x rows instead. Four radix passes of 8
+bits find the k-th largest key exactly: each program histograms its chunk's keys that match the
+prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
+holding the k-th key from it. The last pass also stores, per chunk, its keys above the 24-bit bucket
+and the suffix sums of its histogram, so the write pass (a program per chunk again) knows from the
+threshold alone how many tokens earlier chunks keep, ties included. Five launches, each reading the
+row's scores (in L2 by then) once.
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
@@ -224,47 +224,55 @@ def _write_kernel(
 
 
 # Split selection: one row over many programs (a grid of chunks x rows), for rows too few to fill the
-# card (batch 1) and rows longer than the register tile. Three radix passes over the keys find the
-# row's k-th largest key exactly: 11, 11 and 10 bits, each pass a histogram per chunk added into the
-# row's histogram (atomics on the nonzero bins only), the next pass reading it to pick the bin
-# holding the k-th key. The scores of a row (4 bytes a token) sit in L2 between passes.
+# card (batch 1) and rows longer than the register tile. Four radix passes of 8 bits find the row's
+# k-th largest key exactly: each pass histograms the chunk's keys whose higher digits match the
+# prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
+# holding the k-th key from it. 256 bins, because tl.histogram costs each warp about
+# bins / 32 x log2(bins) operations per 32 keys. The scores of a row sit in L2 between passes.
+
+NPASS = tl.constexpr(4)
+
+
+@triton.jit
+def _radix_match(keys, prefix, PASS: tl.constexpr):
+    """Keys whose digits above pass PASS equal prefix (all keys for pass 0)."""
+    if PASS == 0:
+        match = keys == keys
+    else:
+        match = (keys >> (32 - 8 * PASS)) == prefix
+    return match
 
 
 @triton.jit
 def _radix_digit(keys, PASS: tl.constexpr):
-    """The PASS-th digit (0, 1, 2) of int32 keys: bits 31..21 (signed, shifted to 0..2047), 20..10, 9..0.
+    """The PASS-th 8-bit digit of int32 keys, most significant first (pass 0 signed, shifted to 0..255).
     Within equal higher digits, lower digits order as the keys do (two's complement)."""
     if PASS == 0:
-        digit = (keys >> 21) + 1024
-    elif PASS == 1:
-        digit = (keys >> 10) & 2047
+        digit = (keys >> 24) + 128
     else:
-        digit = keys & 1023
+        digit = (keys >> (24 - 8 * PASS)) & 255
     return digit
 
 
 @triton.jit
 def _radix_descend(hist_ptr, state_ptr, kk, PASS: tl.constexpr, NB: tl.constexpr):
-    """(prefix, remaining, inside) after the digit of pass PASS: the key bits fixed so far (signed,
-    as `keys >> shift` gives them), how many of the kk largest keys still lie at or below that
-    prefix, and how many keys share it. Pass 0 starts from the whole row; later passes continue
-    from the (prefix, remaining) the previous pass stored in state_ptr."""
-    bins = tl.arange(0, NB)
+    """(prefix, remaining) after the digit of pass PASS: the key's top 8 x (PASS + 1) bits (signed, as
+    `keys >> shift` gives them) and how many of the kk largest keys lie in that bucket. Pass 0 starts
+    from the whole row; later passes continue from what the pass after the previous one stored in
+    state_ptr (slot PASS - 1)."""
     if PASS == 0:
         prefix = kk * 0
         remaining = kk
     else:
         prefix = tl.load(state_ptr + 2 * (PASS - 1))
         remaining = tl.load(state_ptr + 2 * (PASS - 1) + 1)
-    hist = tl.load(hist_ptr + PASS * NB + bins)
-    digit, above, inside = _pick_bin(hist, remaining, NB)
+    hist = tl.load(hist_ptr + PASS * NB + tl.arange(0, NB))
+    digit, above, _ = _pick_bin(hist, remaining, NB)
     if PASS == 0:
-        prefix = digit - 1024
-    elif PASS == 1:
-        prefix = (prefix << 11) | digit
+        prefix = digit - 128
     else:
-        prefix = (prefix << 10) | digit
-    return prefix, remaining - above, inside
+        prefix = (prefix << 8) | digit
+    return prefix, remaining - above
 
 
 @triton.jit
@@ -274,12 +282,12 @@ def _radix_kernel(
     num_rows, nch,
     PASS: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
 ):
-    """Pass PASS (0, 1, 2) of the radix search: the histogram of this chunk's keys whose higher digits
-    match the prefix found so far, added into the row's histogram of this pass. Program 0 of each
-    row keeps the scratch clean: pass 0 zeroes the histograms of passes 1 and 2 (read by the last
-    call until its end), pass 2 zeroes pass 0's (no later reader: pass 1 stored what it found in
-    state). Pass 2 also stores, per chunk, the keys above the 22-bit prefix and the suffix sums of
-    its histogram, so the write pass knows each chunk's offset once the last digit is known."""
+    """Pass PASS (0..3) of the radix search over one chunk of one row. Program 0 of a row stores the
+    bucket it read from the previous pass (state slot PASS - 1: later passes need not read that
+    histogram again) and keeps the scratch clean for the next call: pass 0 zeroes the histograms of
+    passes 1-3, pass p >= 2 that of pass p - 2 (no reader left). The last pass also stores, per chunk,
+    its keys above the 24-bit bucket and the suffix sums of its histogram, so the write pass knows each
+    chunk's offset from the final digit alone."""
     c = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // num_rows).to(tl.int64)
@@ -289,34 +297,33 @@ def _radix_kernel(
     if start < n:
         kk = tl.load(budgets_ptr + b)
         bins = tl.arange(0, NB)
-        row_hist = hist_ptr + pid.to(tl.int64) * 3 * NB
-        row_state = state_ptr + pid.to(tl.int64) * 4
+        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
+        row_state = state_ptr + pid.to(tl.int64) * 2 * NPASS
         offs = start + tl.arange(0, CH)
         valid = offs < n
         keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, offs, n)
-        if PASS == 0:
-            match = valid
-        else:
-            prefix, remaining, inside = _radix_descend(row_hist, row_state, kk, PASS - 1, NB)
+        prefix = kk * 0
+        if PASS > 0:
+            prefix, remaining = _radix_descend(row_hist, row_state, kk, PASS - 1, NB)
             if c == 0:
-                tl.store(row_state + 2 * (PASS - 1) + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, prefix, remaining))
-            if PASS == 1:
-                match = valid & ((keys >> 21) == prefix)
-            else:
-                match = valid & ((keys >> 10) == prefix)
+                two = tl.arange(0, 2)
+                tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
+        match = valid & _radix_match(keys, prefix, PASS)
         hist = tl.histogram(_radix_digit(keys, PASS), NB, mask=match)
         tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
         if c == 0:
+            zeros = tl.zeros([NB], tl.int32)
             if PASS == 0:
-                tl.store(row_hist + NB + bins, tl.zeros([NB], tl.int32))
-                tl.store(row_hist + 2 * NB + bins, tl.zeros([NB], tl.int32))
-            if PASS == 2:
-                tl.store(row_hist + bins, tl.zeros([NB], tl.int32))
-        if PASS == 2:
+                for p in tl.static_range(1, NPASS):
+                    tl.store(row_hist + p * NB + bins, zeros)
+            else:
+                if PASS >= 2:
+                    tl.store(row_hist + (PASS - 2) * NB + bins, zeros)
+        if PASS == NPASS - 1:
             chunk = pid.to(tl.int64) * nch + c
-            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> 10) > prefix), 1, 0), axis=0))
-            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] this chunk's keys with digit >= bin
-            tl.store(suffix_ptr + chunk * 1024 + bins, at_or_above, mask=bins < 1024)
+            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> 8) > prefix), 1, 0), axis=0))
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] keys of the bucket with digit >= bin
+            tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
 
 
 @triton.jit
@@ -337,14 +344,14 @@ def _radix_write_kernel(
     start = c * CH
     if start < n:
         kk = tl.load(budgets_ptr + b)
-        row_hist = hist_ptr + pid.to(tl.int64) * 3 * NB
-        thr, need, _ = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 4, kk, 2, NB)
-        low = thr & 1023  # the last digit of the threshold
+        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
+        thr, need = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 2 * NPASS, kk, NPASS - 1, NB)
+        low = thr & (NB - 1)  # the last digit of the threshold
         chunks = tl.arange(0, NCH_PAD)
         earlier = chunks < c
         base = pid.to(tl.int64) * nch + chunks
-        ge = tl.load(suffix_ptr + base * 1024 + low, mask=earlier, other=0)  # keys == thr or above it in the 22-bit bucket
-        gt_low = tl.load(suffix_ptr + base * 1024 + low + 1, mask=earlier & (chunks * 0 + low < 1023), other=0)
+        ge = tl.load(suffix_ptr + base * NB + low, mask=earlier, other=0)  # keys of the 24-bit bucket >= thr
+        gt_low = tl.load(suffix_ptr + base * NB + low + 1, mask=earlier & (chunks * 0 + low < NB - 1), other=0)
         above = tl.load(gt_ptr + base, mask=earlier, other=0) + gt_low
         ties_before = tl.sum(ge - gt_low, axis=0)
         offset = tl.sum(above, axis=0) + tl.minimum(ties_before, need)
@@ -364,7 +371,8 @@ _SELECT = Pinned(_select_kernel)
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-RADIX_BINS = 2048  # bins of each radix pass (digits of 11, 11 and 10 bits)
+RADIX_BINS = 256  # bins of each of the 4 radix passes (8-bit digits)
+RADIX_PASSES = 4
 MODES = ("auto", "row", "split")
 
 
@@ -390,10 +398,15 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_
     return "split" if s >= 4096 and total_rows < 2 * num_sms else "row"
 
 
+def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
+    """The mode loki_decode's selection runs in for total_rows rows of s tokens on this device."""
+    return choose_mode(total_rows, s, multiprocessors(device))
+
+
 class SelectPlan:
     """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
     holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
-    tokens, a program each (radix histograms [B x R, 3, RADIX_BINS], kept zero between calls;
+    tokens, a program each (radix histograms [B x R, RADIX_PASSES, RADIX_BINS], kept zero between calls;
     per-row state; per-chunk counts and suffix sums)."""
 
     def __init__(self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP, chunk: int | None = None):
@@ -410,10 +423,10 @@ class SelectPlan:
             assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
             self.nch = triton.cdiv(s, self.chunk)
             self.ws = {
-                "hist": torch.zeros(b * rows * 3 * RADIX_BINS, **i32),  # zero on entry: each call leaves it so
-                "state": torch.empty(b * rows * 4, **i32),
+                "hist": torch.zeros(b * rows * RADIX_PASSES * RADIX_BINS, **i32),  # zero on entry: each call leaves it so
+                "state": torch.empty(b * rows * 2 * RADIX_PASSES, **i32),
                 "gt": torch.empty(b * rows * self.nch, **i32),
-                "suffix": torch.empty(b * rows * self.nch * 1024, **i32),
+                "suffix": torch.empty(b * rows * self.nch * RADIX_BINS, **i32),
             }
 
 
@@ -425,13 +438,13 @@ def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tenso
     strides = dict(stride_sb=scores.stride(0), stride_sr=scores.stride(1))
     if plan.mode == "split":
         ws = plan.ws
-        assert ws["hist"].numel() == b * rows * 3 * RADIX_BINS and ws["suffix"].numel() == b * rows * plan.nch * 1024
+        assert ws["hist"].numel() == b * rows * RADIX_PASSES * RADIX_BINS and ws["suffix"].numel() == b * rows * plan.nch * RADIX_BINS
         common = dict(
             scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], state_ptr=ws["state"],
             gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
         )
         warps = 8 if plan.chunk >= 2048 else 4
-        for p in range(3):
+        for p in range(RADIX_PASSES):
             launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
         launch(
             _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),
