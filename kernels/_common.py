@@ -143,3 +143,12 @@ def upcast_dot(dtype) -> bool:
     import torch
 
     return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def ordered_key(x):
+    """float32 -> int32 with the same order under signed comparison (the keys select.py ranks scores
+    by): sign-magnitude bits to two's complement, so -0.0 and +0.0 both map to 0 (they tie, as
+    floats compare)."""
+    i = x.to(tl.int32, bitcast=True)
+    return tl.where(i < 0, -(i & 0x7FFFFFFF), i)

@@ -21,11 +21,12 @@ captured in a CUDA graph.
 Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
-every stage, and a record of its six launches (compiled kernel, grid, arguments; _common.Recorded),
+every stage, and a record of its launches (six; eight or nine when the selection runs split, rows
+longer than 16384 tokens: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
-tensors swapped in: a key lookup, one allocation (the output) and six launches. The last MAX_PLANS
-plans keep their scratch (about B x R x S x 5 bytes, R selection rows; `clear_plans()` frees it);
+tensors swapped in: a key lookup, one allocation (the output) and the launches. The last MAX_PLANS
+plans keep their scratch (about B x R x S x 5 bytes, R selection rows, + 1/16 of that split; `clear_plans()` frees it);
 a plan serves one call at a time on its stream, and a CUDA graph captured from loki_decode may be
 replayed only while its plan is kept. A decode loop over a cache whose length grows each step
 (sparse/generation.py) gets a new plan per step and gains nothing here; one that passes the
@@ -93,8 +94,11 @@ class _Plan:
         """The five stages through the launchers (recorded on the first call)."""
         group_kv = self.spec.group == "kv"
         select._launch_budgets(lengths=lengths, budgets=self.budgets, kf=self.spec.kf)  # [B] k = max(1, floor(kf x length))
-        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv)
-        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
+        # split selection with one row per KV head (group kv, or MHA): the score kernel runs its first radix pass
+        fuse = self.select.mode == "split" and (group_kv or q_rot.shape[1] == k_rot.shape[1])
+        radix = dict(hist=self.select.ws["hist"], hist_bins=select.RADIX_BINS, hist_passes=select.RADIX_PASSES) if fuse else {}
+        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv, **radix)
+        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select, first_pass_done=fuse)
         qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
         attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
                           lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit)

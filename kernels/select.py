@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, keep_configs, launch, launch_args, multiprocessors, pow2
+from ._common import Pinned, keep_configs, launch, launch_args, multiprocessors, ordered_key, pow2
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -51,19 +51,11 @@ ROW_WRITTEN = tl.constexpr(2147483647)  # threshold slot of a row its own progra
 
 
 @triton.jit
-def _ordered_key(x):
-    """float32 -> int32 with the same order under signed comparison: sign-magnitude bits to two's
-    complement, so -0.0 and +0.0 both map to 0 (they tie, as floats compare)."""
-    i = x.to(tl.int32, bitcast=True)
-    return tl.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-
-@triton.jit
 def _load_keys(row_ptr, offs, n):
     """Keys at token offsets `offs` (any shape); INT32_MIN, below every real key, past n."""
     valid = offs < n
     x = tl.load(row_ptr + offs, mask=valid, other=0.0)
-    return tl.where(valid, _ordered_key(x), -2147483648)
+    return tl.where(valid, ordered_key(x), -2147483648)
 
 
 @triton.jit
@@ -231,6 +223,7 @@ def _write_kernel(
 # bins / 32 x log2(bins) operations per 32 keys. The scores of a row sit in L2 between passes.
 
 NPASS = tl.constexpr(4)
+SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
 
 
 @triton.jit
@@ -309,8 +302,18 @@ def _radix_kernel(
                 two = tl.arange(0, 2)
                 tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
         match = valid & _radix_match(keys, prefix, PASS)
-        hist = tl.histogram(_radix_digit(keys, PASS), NB, mask=match)
-        tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
+        digit = _radix_digit(keys, PASS)
+        n_match = tl.sum(tl.where(match, 1, 0), axis=0)
+        hist = tl.zeros([NB], tl.int32)
+        if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
+            hist = tl.histogram(digit, NB, mask=match)
+            tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
+        elif PASS < NPASS - 1:  # few (the usual case past pass 1): an atomic per key, no histogram
+            tl.atomic_add(row_hist + PASS * NB + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
+        else:  # the last pass needs this chunk's histogram too (its suffix sums)
+            if n_match > 0:
+                hist = tl.histogram(digit, NB, mask=match)
+                tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
         if c == 0:
             zeros = tl.zeros([NB], tl.int32)
             if PASS == 0:
@@ -356,11 +359,20 @@ def _radix_write_kernel(
         ties_before = tl.sum(ge - gt_low, axis=0)
         offset = tl.sum(above, axis=0) + tl.minimum(ties_before, need)
 
+        mine = pid.to(tl.int64) * nch + c
+        ties_here = tl.load(suffix_ptr + mine * NB + low)
+        if low < NB - 1:
+            ties_here -= tl.load(suffix_ptr + mine * NB + low + 1)
+
         tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CH / GROUP, GROUP]
         keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
-        eq = keys == thr
-        tie_rank, _ = _prefix_rank(eq, GROUP)
-        keep = (keys > thr) | (eq & (ties_before + tie_rank < need))
+        if ties_before + ties_here <= need:  # every tie here is kept (or there is none)
+            keep = keys >= thr
+        elif ties_before >= need:  # none is
+            keep = keys > thr
+        else:  # the chunk where the kept ties run out: rank them
+            tie_rank, _ = _prefix_rank(keys == thr, GROUP)
+            keep = (keys > thr) | ((keys == thr) & (ties_before + tie_rank < need))
         pos, _ = _prefix_rank(keep, GROUP)
         tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
@@ -385,17 +397,17 @@ def split_chunk(s: int) -> int:
 
 
 def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
-    """"split" (a row over many programs) for rows longer than the register tile and for too few
-    rows to fill the card (2 per multiprocessor); "row" (a program per row) otherwise.
-    LOKITOOL_SELECT=row|split forces one (for benchmarks comparing them)."""
+    """"split" (a row over many programs) for rows longer than the register tile, "row" (a program
+    per row) otherwise. On an H200 (benchmarks/select_modes.py) the row kernel was faster up to 16384
+    tokens even at batch 1 (40 rows on 132 multiprocessors: 29 us against 38 us at 16k), where the split
+    mode's five dependent launches cost more than the idle multiprocessors. LOKITOOL_SELECT=row|split
+    forces one where both can run (for benchmarks comparing them)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
         raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
     if s > pow2(block_cap, 128):
         return "split"  # the row kernel holds whole rows only
-    if forced != "auto":
-        return forced
-    return "split" if s >= 4096 and total_rows < 2 * num_sms else "row"
+    return "row" if forced == "auto" else forced
 
 
 def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
@@ -430,7 +442,10 @@ class SelectPlan:
             }
 
 
-def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
+def _launch(
+    *, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan, first_pass_done: bool = False
+) -> None:
+    """first_pass_done (split mode): the score kernel already ran radix pass 0 into plan.ws["hist"]."""
     b, rows, s = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
@@ -444,7 +459,7 @@ def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tenso
             gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
         )
         warps = 8 if plan.chunk >= 2048 else 4
-        for p in range(RADIX_PASSES):
+        for p in range(1 if first_pass_done else 0, RADIX_PASSES):
             launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
         launch(
             _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),

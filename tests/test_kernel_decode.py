@@ -68,8 +68,12 @@ def test_plans_are_replayed_only_for_calls_that_match(layout):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
-@pytest.mark.parametrize("layout,select_mode", [("plain", "row"), ("split", "row"), ("split", "split")])
-def test_replay_swaps_in_the_calls_tensors(layout, select_mode, monkeypatch):
+@pytest.mark.parametrize(
+    "layout,select_mode,group,launches",
+    # split selection: 4 radix passes and a write; the score kernel runs the first pass when a row is a KV head's
+    [("plain", "row", "head", 6), ("split", "row", "head", 6), ("split", "split", "head", 9), ("split", "split", "kv", 8)],
+)
+def test_replay_swaps_in_the_calls_tensors(layout, select_mode, group, launches, monkeypatch):
     """The interpreter compiles nothing to record, so record interpreted launches instead: a replay
     that put any of the call's tensors (or the plan's scratch) in the wrong slot would differ."""
     import importlib
@@ -86,14 +90,14 @@ def test_replay_swaps_in_the_calls_tensors(layout, select_mode, monkeypatch):
     monkeypatch.setenv("LOKITOOL_SELECT", select_mode)
     plans = importlib.import_module("lokitool.kernels.loki_decode")._PLANS
     b, h, hkv, s, dim = 2, 4, 2, 70, 32
-    spec = LokiSpec(kf=0.3, df=0.25, group="head")
+    spec = LokiSpec(kf=0.3, df=0.25, group=group)
     keys = (lambda k: split_keys(k, spec.dims(dim))) if layout == "split" else (lambda k: k)
     (q1, k1, v1), (q2, k2, v2) = make_cache(b, h, hkv, s, dim, torch.float16, seed=1), make_cache(b, h, hkv, s, dim, torch.float16, seed=2)
     run = lambda q, k, v, lengths: loki_decode(q, keys(k), v, lengths, spec=spec, scaling=dim**-0.5)  # noqa: E731
     clear_plans()
     run(q1, k1, v1, torch.tensor([70, 33], dtype=torch.int32))
     (plan,) = plans.values()
-    assert plan.replay is not None and len(plan.replay) == (6 if select_mode == "row" else 8)
+    assert plan.replay is not None and len(plan.replay) == launches
     replayed = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
     clear_plans()
     fresh = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
