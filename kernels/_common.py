@@ -152,3 +152,22 @@ def ordered_key(x):
     floats compare)."""
     i = x.to(tl.int32, bitcast=True)
     return tl.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+@triton.jit
+def write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
+    """budgets[b] = max(1, floor(kf x lengths[b])) for b < num_seqs (BLOCK >= num_seqs), in float64:
+    kf arrives as its int64 bit pattern (a float scalar argument would be rounded to float32)."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < num_seqs
+    n = tl.load(lengths_ptr + offs, mask=ok, other=0)
+    kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
+    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
+
+
+def float_bits(x: float) -> int:
+    """A float64's bit pattern as an int64 (for write_budgets' kf_bits)."""
+    import struct
+
+    return struct.unpack("<q", struct.pack("<d", x))[0]

@@ -21,7 +21,7 @@ captured in a CUDA graph.
 Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
-every stage, and a record of its launches (six; eight or nine when the selection runs split, rows
+every stage, and a record of its launches (four; six or seven when the selection runs split, on rows
 longer than 16384 tokens: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
@@ -87,22 +87,24 @@ class _Plan:
         self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
+        self.done = torch.zeros(b * self.rows, dtype=torch.int32, device=device)  # pieces finished per row (attention.py)
         self.spec, self.d = spec, d
         self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
 
     def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
-        """The five stages through the launchers (recorded on the first call)."""
+        """The stages through the launchers (recorded on the first call): scores (the kernel also writes
+        the budgets and, split selection over KV-head rows, runs the first radix pass), selection, sparse
+        attention (its last piece per row merges the pieces)."""
         group_kv = self.spec.group == "kv"
-        select._launch_budgets(lengths=lengths, budgets=self.budgets, kf=self.spec.kf)  # [B] k = max(1, floor(kf x length))
         # split selection with one row per KV head (group kv, or MHA): the score kernel runs its first radix pass
         fuse = self.select.mode == "split" and (group_kv or q_rot.shape[1] == k_rot.shape[1])
         radix = dict(hist=self.select.ws["hist"], hist_bins=select.RADIX_BINS, hist_passes=select.RADIX_PASSES) if fuse else {}
-        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv, **radix)
+        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv,
+                      budgets=self.budgets, kf=self.spec.kf, **radix)  # + budgets [B]: k = max(1, floor(kf x length))
         select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select, first_pass_done=fuse)
         qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
         attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
-                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit)
-        attention._launch_merge(o_part=self.o_part, lse_part=self.lse_part, out=out)
+                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit, out=out, done=self.done)
 
     def record(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """Run the stages once, recording each launch and where the call's own tensors sit in it."""

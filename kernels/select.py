@@ -33,13 +33,12 @@ in float64, as the oracle's token_budget computes them, in one launch instead of
 from __future__ import annotations
 
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, keep_configs, launch, launch_args, multiprocessors, ordered_key, pow2
+from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, ordered_key, pow2, write_budgets
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -145,14 +144,9 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _budget_kernel(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
-    """budgets[b] = max(1, floor(kf x lengths[b])), in float64 (kf arrives as its int64 bit pattern:
-    a float scalar argument would be rounded to float32)."""
-    offs = tl.arange(0, BLOCK)
-    ok = offs < num_seqs
-    n = tl.load(lengths_ptr + offs, mask=ok, other=0)
-    kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
-    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
+    """budgets[b] = max(1, floor(kf x lengths[b])) (_common.write_budgets; loki_decode has the score
+    kernel write them instead, saving a launch)."""
+    write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK)
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK"], prune_configs_by={"early_config_prune": _prune})
@@ -482,7 +476,7 @@ def _launch(
 def _launch_budgets(*, lengths: torch.Tensor, budgets: torch.Tensor, kf: float) -> None:
     assert lengths.dim() == 1 and lengths.dtype == torch.int32 and budgets.shape == lengths.shape and budgets.dtype == torch.int32
     assert 0 < kf <= 1, kf
-    kf_bits = struct.unpack("<q", struct.pack("<d", kf))[0]
+    kf_bits = float_bits(kf)
     launch(
         _budget_kernel, (1,), lengths_ptr=lengths, budgets_ptr=budgets, kf_bits=kf_bits, num_seqs=lengths.shape[0], BLOCK=pow2(lengths.shape[0], 16)
     )
