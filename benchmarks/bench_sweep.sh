@@ -12,6 +12,11 @@
 #   sweep.log
 # Settings: SEQ (contexts), BATCH, METHODS (default sdpa,loki-triton), MODELS (default both),
 # INSTALL=0 to skip `pip install -e .` (benchmarks/gpu_env.sh), PYTHON for the interpreter.
+# Each point autotunes its kernels once and times ~1 s; where one call may not run the whole sweep,
+# run one model per call (MODELS=llama2-13b, then MODELS=llama3-8b-kv) and join the two bench.csv
+# files afterwards: python benchmarks/sweep_plot.py llama2-13b=A/bench.csv llama3-8b-kv=B/bench.csv --out DIR
+# Add METHODS=sdpa,loki-torch,loki-triton for max_err_vs_loki_torch (loki-triton's output against the
+# torch reference: a wrong kept set shows there), at the cost of the torch path's time and memory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench_sweep}

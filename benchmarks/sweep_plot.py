@@ -102,7 +102,7 @@ def main() -> None:
     plot(points, args.out / "sweep.png", f"{gpu}: loki-triton, fp16, kf = df = 0.25, two-plane keys")
     print(f"{'model':14} {'B':>3} {'S':>7} {'select':6} {'sdpa ms':>8} {'loki ms':>8} {'x graph':>7} {'x plain':>7} {'ceiling':>7}  note")
     for p in sorted(points, key=lambda p: (p["model"], p["batch"], p["seq_len"])):
-        f = lambda x, d=4: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+        f = lambda x, d=4: "-" if x is None else f"{x:.{d}f}"
         print(f"{p['model']:14} {p['batch']:3d} {p['seq_len']:7d} {p['select']:6} {f(p['sdpa_ms']):>8} {f(p['loki_ms']):>8} "
               f"{f(p['speedup'], 2):>7} {f(p['plain_speedup'], 2):>7} {f(p['byte_ceiling'], 2):>7}  {p['note']}")
     if missing:

@@ -146,15 +146,6 @@ def upcast_dot(dtype) -> bool:
 
 
 @triton.jit
-def ordered_key(x):
-    """float32 -> int32 with the same order under signed comparison (the keys select.py ranks scores
-    by): sign-magnitude bits to two's complement, so -0.0 and +0.0 both map to 0 (they tie, as
-    floats compare)."""
-    i = x.to(tl.int32, bitcast=True)
-    return tl.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-
-@triton.jit
 def write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
     """budgets[b] = max(1, floor(kf x lengths[b])) for b < num_seqs (BLOCK >= num_seqs), in float64:
     kf arrives as its int64 bit pattern (a float scalar argument would be rounded to float32)."""

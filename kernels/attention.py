@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, multiprocessors, pow2, upcast_dot  # noqa: F401
+from ._common import (
+    Pinned,
+    dot_f32,
+    keep_configs,
+    launch,
+    launch_args,
+    multiprocessors,
+    pow2,
+    upcast_dot,
+)
 from .layout import Keys, LokiKeys
 
 LOG2E = 1.4426950408889634

@@ -21,7 +21,7 @@ captured in a CUDA graph.
 Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
-every stage, and a record of its launches (four; six or seven when the selection runs split, on rows
+every stage, and a record of its launches (four; seven when the selection runs split, on rows
 longer than 16384 tokens: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
@@ -93,15 +93,11 @@ class _Plan:
 
     def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """The stages through the launchers (recorded on the first call): scores (the kernel also writes
-        the budgets and, split selection over KV-head rows, runs the first radix pass), selection, sparse
-        attention (its last piece per row merges the pieces)."""
+        the budgets), selection, sparse attention (its last piece per row merges the pieces)."""
         group_kv = self.spec.group == "kv"
-        # split selection with one row per KV head (group kv, or MHA): the score kernel runs its first radix pass
-        fuse = self.select.mode == "split" and (group_kv or q_rot.shape[1] == k_rot.shape[1])
-        radix = dict(hist=self.select.ws["hist"], hist_bins=select.RADIX_BINS, hist_passes=select.RADIX_PASSES) if fuse else {}
         score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv,
-                      budgets=self.budgets, kf=self.spec.kf, **radix)  # + budgets [B]: k = max(1, floor(kf x length))
-        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select, first_pass_done=fuse)
+                      budgets=self.budgets, kf=self.spec.kf)  # + budgets [B]: k = max(1, floor(kf x length))
+        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
         qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
         attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
                           lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit, out=out, done=self.done)

@@ -7,10 +7,7 @@ G = H / Hkv query heads of a KV group summed in float32, as the oracle sums them
 own layout [B, Hkv, S, D]: the first d dims of a row are contiguous, so a tile reads d x 2 bytes
 per token and no second copy of K exists. One program reads tiles of one KV head once, for all the
 query heads it serves (one MMA: [G, d] x [d, tokens]). Positions s >= lengths[b] are left unwritten.
-When the selection runs split over many programs (select.py) and each program's scores form one
-selection row (group="kv", or MHA), the kernel also runs the selection's first radix pass: the
-histogram of the top 8 key bits, added into the selection's scratch, which saves a launch and a
-read of the scores.
+For loki_decode the kernel also writes the selection budgets (one launch fewer).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, float_bits, keep_configs, launch_args, ordered_key, pow2, upcast_dot, write_budgets
+from ._common import Pinned, dot_f32, float_bits, keep_configs, launch_args, pow2, upcast_dot, write_budgets
 from .layout import Keys, scored_plane
 
 # ----------------------------------------------------------------------------------------------
@@ -44,16 +41,16 @@ def _prune(configs, named_args, **kwargs):
 # Kernel
 
 
-@triton.autotune(configs=_configs(), key=["G_PAD", "DP", "GROUP_KV", "S_HINT", "HIST_BINS"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["G_PAD", "DP", "GROUP_KV", "S_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, lengths_ptr, scores_ptr, hist_ptr, budgets_ptr, kf_bits, num_seqs,
+    q_ptr, k_ptr, lengths_ptr, scores_ptr, budgets_ptr, kf_bits, num_seqs,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_sb, stride_sr,
     num_kv_heads, d, S_HINT,
     G: tl.constexpr, G_PAD: tl.constexpr, DP: tl.constexpr, GROUP_KV: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    HIST_BINS: tl.constexpr, HIST_PASSES: tl.constexpr, BUDGETS: tl.constexpr,
+    BUDGETS: tl.constexpr,
     BLOCK_S: tl.constexpr, STEPS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -75,8 +72,6 @@ def _score_kernel(
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     s_base = scores_ptr + b * stride_sb
 
-    if HIST_BINS > 0:
-        hist = tl.zeros([HIST_BINS], tl.int32)
     for step in tl.static_range(STEPS):
         offs_s = (pid_s * STEPS + step) * BLOCK_S + tl.arange(0, BLOCK_S)  # [BLOCK_S]
         in_len = offs_s < length
@@ -85,22 +80,10 @@ def _score_kernel(
         s = dot_f32(q, tl.trans(k), UPCAST_DOT)  # [G_PAD, BLOCK_S] float32, padded rows are 0
         if GROUP_KV:
             # the oracle sums the G per-head float32 scores; so do we
-            row = tl.sum(s, axis=0)
-            tl.store(s_base + kvh * stride_sr + offs_s, row, mask=in_len)
+            tl.store(s_base + kvh * stride_sr + offs_s, tl.sum(s, axis=0), mask=in_len)
         else:
             s_ptrs = s_base + (kvh * G + offs_g)[:, None] * stride_sr + offs_s[None, :]
             tl.store(s_ptrs, s, mask=g_ok[:, None] & in_len[None, :])
-            row = tl.sum(tl.where(offs_g[:, None] == 0, s, 0.0), axis=0)  # G = 1: the one row (its key as stored)
-        if HIST_BINS > 0:  # the selection's first radix pass (select.py): top 8 bits of each key
-            hist += tl.histogram((ordered_key(row) >> 24) + 128, HIST_BINS, mask=in_len)
-    if HIST_BINS > 0:
-        # one selection row per program (G = 1 or GROUP_KV): row b x Hkv + kvh of the radix scratch
-        row_hist = hist_ptr + pid_bh.to(tl.int64) * HIST_PASSES * HIST_BINS
-        bins = tl.arange(0, HIST_BINS)
-        tl.atomic_add(row_hist + bins, hist, mask=hist > 0, sem="relaxed")
-        if pid_s == 0:  # the later passes' histograms, left over from the last call (select.py keeps them zero between passes)
-            for p in tl.static_range(2, HIST_PASSES):
-                tl.store(row_hist + p * HIST_BINS + bins, tl.zeros([HIST_BINS], tl.int32))
 
 
 _SCORE = Pinned(_score_kernel)
@@ -112,12 +95,11 @@ _SCORE = Pinned(_score_kernel)
 
 def _launch(
     *, q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor, d: int, group_kv: bool,
-    hist: torch.Tensor | None = None, hist_bins: int = 0, hist_passes: int = 0, budgets: torch.Tensor | None = None, kf: float = 1.0,
+    budgets: torch.Tensor | None = None, kf: float = 1.0,
 ) -> None:
-    """k_rot [B, Hkv, S, >= d]: a plain cache, or the low plane of LokiKeys. With `hist` (the split
-    selection's radix scratch [B x R, hist_passes, hist_bins], R = Hkv: group kv or MHA) the kernel
-    also runs the selection's first radix pass on the scores it writes. With `budgets` ([B] int32) it
-    also writes the selection budgets max(1, floor(kf x lengths[b])) (select.decode_budgets' values)."""
+    """k_rot [B, Hkv, S, >= d]: a plain cache, or the low plane of LokiKeys. With `budgets` ([B] int32)
+    the kernel also writes the selection budgets max(1, floor(kf x lengths[b])) (select.decode_budgets'
+    values)."""
     b, h, dim = q_rot.shape
     _, hkv, s, dk = k_rot.shape
     assert k_rot.shape[0] == b and h % hkv == 0, (q_rot.shape, k_rot.shape)
@@ -126,12 +108,9 @@ def _launch(
     assert scores.shape == (b, hkv if group_kv else h, s) and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and lengths.dtype == torch.int32
     assert budgets is None or (budgets.shape == (b,) and budgets.dtype == torch.int32 and 0 < kf <= 1)
-    if hist is not None:
-        assert (group_kv or h == hkv) and hist.numel() == b * hkv * hist_passes * hist_bins and hist.dtype == torch.int32
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"] * meta["STEPS"]), b * hkv)
     _SCORE.launch(
         grid, (q_rot.dtype, k_rot.dtype), q_ptr=q_rot, k_ptr=k_rot, lengths_ptr=lengths, scores_ptr=scores,
-        hist_ptr=scores if hist is None else hist, HIST_BINS=hist_bins if hist is not None else 0, HIST_PASSES=hist_passes,
         budgets_ptr=lengths if budgets is None else budgets, kf_bits=float_bits(kf), num_seqs=b, BUDGETS=0 if budgets is None else pow2(b, 16),
         stride_qb=q_rot.stride(0), stride_qh=q_rot.stride(1),
         stride_kb=k_rot.stride(0), stride_kh=k_rot.stride(1), stride_ks=k_rot.stride(2),

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, ordered_key, pow2, write_budgets
+from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -50,11 +50,19 @@ ROW_WRITTEN = tl.constexpr(2147483647)  # threshold slot of a row its own progra
 
 
 @triton.jit
+def _ordered_key(x):
+    """float32 -> int32 with the same order under signed comparison: sign-magnitude bits to two's
+    complement, so -0.0 and +0.0 both map to 0 (they tie, as floats compare)."""
+    i = x.to(tl.int32, bitcast=True)
+    return tl.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+@triton.jit
 def _load_keys(row_ptr, offs, n):
     """Keys at token offsets `offs` (any shape); INT32_MIN, below every real key, past n."""
     valid = offs < n
     x = tl.load(row_ptr + offs, mask=valid, other=0.0)
-    return tl.where(valid, ordered_key(x), -2147483648)
+    return tl.where(valid, _ordered_key(x), -2147483648)
 
 
 @triton.jit
@@ -213,21 +221,11 @@ def _write_kernel(
 # card (batch 1) and rows longer than the register tile. Four radix passes of 8 bits find the row's
 # k-th largest key exactly: each pass histograms the chunk's keys whose higher digits match the
 # prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
-# holding the k-th key from it. 256 bins, because tl.histogram costs each warp about
-# bins / 32 x log2(bins) operations per 32 keys. The scores of a row sit in L2 between passes.
+# holding the k-th key from it. Past the first pass few keys match the prefix, and a chunk with few
+# adds them by an atomic each instead of a block histogram. The scores of a row sit in L2 between passes.
 
 NPASS = tl.constexpr(4)
 SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
-
-
-@triton.jit
-def _radix_match(keys, prefix, PASS: tl.constexpr):
-    """Keys whose digits above pass PASS equal prefix (all keys for pass 0)."""
-    if PASS == 0:
-        match = keys == keys
-    else:
-        match = (keys >> (32 - 8 * PASS)) == prefix
-    return match
 
 
 @triton.jit
@@ -295,7 +293,10 @@ def _radix_kernel(
             if c == 0:
                 two = tl.arange(0, 2)
                 tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
-        match = valid & _radix_match(keys, prefix, PASS)
+        if PASS == 0:
+            match = valid
+        else:  # keys whose digits above this pass equal the prefix
+            match = valid & ((keys >> (32 - 8 * PASS)) == prefix)
         digit = _radix_digit(keys, PASS)
         n_match = tl.sum(tl.where(match, 1, 0), axis=0)
         hist = tl.zeros([NB], tl.int32)
@@ -392,10 +393,11 @@ def split_chunk(s: int) -> int:
 
 def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
     """"split" (a row over many programs) for rows longer than the register tile, "row" (a program
-    per row) otherwise. On an H200 (benchmarks/select_modes.py) the row kernel was faster up to 16384
-    tokens even at batch 1 (40 rows on 132 multiprocessors: 29 us against 38 us at 16k), where the split
-    mode's five dependent launches cost more than the idle multiprocessors. LOKITOOL_SELECT=row|split
-    forces one where both can run (for benchmarks comparing them)."""
+    per row) otherwise. On an H200 (benchmarks/select_modes.py, llama2-13b / llama3-8b shapes, kf 0.25)
+    the row kernel was faster wherever it can run, batch 1 included (40 rows on 132 multiprocessors):
+    select 17 vs 25 us at 4k, 29 vs 36 us at 16k; at 16k batch 16, 33 vs 66 us (128 rows, group kv)
+    and 98 vs 253 us (640 rows). The split mode's five dependent launches cost more than the idle
+    multiprocessors gain. LOKITOOL_SELECT=row|split forces one where both can run (benchmarks)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
         raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
@@ -436,10 +438,7 @@ class SelectPlan:
             }
 
 
-def _launch(
-    *, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan, first_pass_done: bool = False
-) -> None:
-    """first_pass_done (split mode): the score kernel already ran radix pass 0 into plan.ws["hist"]."""
+def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
     b, rows, s = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
@@ -453,7 +452,7 @@ def _launch(
             gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
         )
         warps = 8 if plan.chunk >= 2048 else 4
-        for p in range(1 if first_pass_done else 0, RADIX_PASSES):
+        for p in range(RADIX_PASSES):
             launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
         launch(
             _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),

@@ -70,9 +70,8 @@ def test_plans_are_replayed_only_for_calls_that_match(layout):
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
 @pytest.mark.parametrize(
     "layout,select_mode,group,launches",
-    # score (+ budgets), selection (row: 2 launches; split: 4 radix passes and a write, the score kernel running
-    # the first pass when a row is a KV head), attention (+ merge)
-    [("plain", "row", "head", 4), ("split", "row", "head", 4), ("split", "split", "head", 7), ("split", "split", "kv", 6)],
+    # score (+ budgets), selection (row: 2 launches; split: 4 radix passes and a write), attention (+ merge)
+    [("plain", "row", "head", 4), ("split", "row", "head", 4), ("split", "split", "head", 7), ("split", "split", "kv", 7)],
 )
 def test_replay_swaps_in_the_calls_tensors(layout, select_mode, group, launches, monkeypatch):
     """The interpreter compiles nothing to record, so record interpreted launches instead: a replay

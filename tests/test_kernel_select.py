@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_support import (
     DEVICE,
+    ON_GPU,
     LokiSpec,
     _one_config_per_kernel,  # noqa: F401  (autouse; importing kernel_support switches on the interpreter first)
     decode_budgets,
@@ -128,3 +129,34 @@ def test_split_selection_reuses_its_scratch():
             assert torch.equal(got, stable_topk_mask(scores, lengths.cpu(), budgets.cpu())), kind
     hist = plan.ws["hist"].view(b * rows, select.RADIX_PASSES, -1)
     assert int(hist[:, :2].abs().sum()) == 0  # passes 0 and 1 clear their histograms within the call
+
+
+@pytest.mark.skipif(not ON_GPU, reason="decode-scale rows: minutes on the interpreter")
+@pytest.mark.parametrize("mode", ["row", "split"])
+@pytest.mark.parametrize("group_sum", [1, 4], ids=["head", "kv-sum"])
+def test_select_at_decode_scale(mode, group_sum):
+    """Rows of 16384 scores as the decode step makes them (sums of `group_sum` query heads' scores for
+    group kv), 16 x 8 rows, ragged, ties planted at each row's threshold, compiled kernels at their
+    autotuned configs: exactly the stable top-k."""
+    import os
+
+    b, rows, s, kf = 16, 8, 16384, 0.25
+    g = torch.Generator().manual_seed(group_sum)
+    scores = sum(torch.randn(b, rows, s, generator=g) * 2 for _ in range(group_sum)).float()
+    lengths = torch.randint(s // 2, s + 1, (b,), generator=g).to(torch.int32)
+    lengths[0] = s
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    for bi in range(b):  # a few exact copies of each row's k-th largest score
+        n, k = int(lengths[bi]), int(budgets[bi])
+        kth = scores[bi, :, :n].sort(dim=-1, descending=True).values[:, k - 1 : k]  # [rows, 1]
+        pos = torch.randint(0, n, (rows, 4), generator=g)
+        scores[bi].scatter_(-1, pos, kth.expand(rows, 4))
+    os.environ["LOKITOOL_AUTOTUNE"] = "1"  # the configs the bench and loki_decode run
+    try:
+        idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), mode=mode)
+    finally:
+        os.environ["LOKITOOL_AUTOTUNE"] = "0"
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    bad_rows = (got != want).any(-1).nonzero().tolist()
+    assert not bad_rows, f"{len(bad_rows)} rows differ from exact top-k, first (b, r): {bad_rows[:8]}"
