@@ -1,5 +1,6 @@
 """Print each Loki kernel (keys in the two-plane layout)'s chosen autotune config and its registers and spills, after one decode
-step at the issue's main shape (B=16, H=40, D=128, S=16384, fp16, kf=df=0.25). Needs a CUDA GPU."""
+step at the issue's main shape (B=16, H=40, D=128, S=16384, fp16, kf=df=0.25: row selection) and one at B=1, S=65536
+(split selection). Needs a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ def compiled_kernels(jit_fn):
 
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    b, h, s, dim = 16, 40, 16384, 128
-    q = torch.randn(b, h, dim, device="cuda", generator=g).half()
-    k = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
-    v = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
-    lengths = torch.full((b,), s, dtype=torch.int32, device="cuda")
-    loki_decode(q, split_keys(k, 32), v, lengths, spec=LokiSpec(kf=0.25, df=0.25), scaling=dim**-0.5)
-    torch.cuda.synchronize()
-    for name, fn in [("score", score._score_kernel), ("select", select._select_kernel),
-                     ("attention", attention._sparse_attention_kernel), ("merge", attention._merge_kernel)]:
+    h, dim = 40, 128
+    for b, s in ((16, 16384), (1, 65536)):
+        q = torch.randn(b, h, dim, device="cuda", generator=g).half()
+        k = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
+        v = torch.randn(b, h, s, dim, device="cuda", generator=g).half()
+        lengths = torch.full((b,), s, dtype=torch.int32, device="cuda")
+        loki_decode(q, split_keys(k, 32), v, lengths, spec=LokiSpec(kf=0.25, df=0.25), scaling=dim**-0.5)
+        torch.cuda.synchronize()
+        del q, k, v
+    for name, fn in [("score", score._score_kernel), ("select", select._select_kernel), ("write", select._write_kernel),
+                     ("radix", select._radix_kernel), ("radixwrite", select._radix_write_kernel),
+                     ("attention", attention._sparse_attention_kernel)]:
         best = getattr(fn, "best_config", None)
         for kern in compiled_kernels(fn):
             try:

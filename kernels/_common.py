@@ -4,6 +4,7 @@ recorded and replayed, padding, a dot for the interpreter."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import triton
@@ -17,6 +18,14 @@ def interpreting() -> bool:
 
 def pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(int(x)))
+
+
+@functools.cache
+def multiprocessors(device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def autotuning() -> bool:
@@ -134,3 +143,22 @@ def upcast_dot(dtype) -> bool:
     import torch
 
     return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
+    """budgets[b] = max(1, floor(kf x lengths[b])) for b < num_seqs (BLOCK >= num_seqs), in float64:
+    kf arrives as its int64 bit pattern (a float scalar argument would be rounded to float32)."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < num_seqs
+    n = tl.load(lengths_ptr + offs, mask=ok, other=0)
+    kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
+    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
+
+
+def float_bits(x: float) -> int:
+    """A float64's bit pattern as an int64 (for write_budgets' kf_bits)."""
+    import struct
+
+    return struct.unpack("<q", struct.pack("<d", x))[0]

@@ -3,8 +3,9 @@
 For each selection row (b, r) the kept token indices idx[b, r, :k_b] (from select.py) are split
 into NSPLIT contiguous pieces; one program per (piece, row) gathers those K and V rows (each row
 D x 2 contiguous bytes: unkept rows are never read), runs an online softmax in float32 for the
-query heads that share the selection, and writes a partial output and its log-sum-exp. A second
-small kernel merges the pieces by their log-sum-exp. Keys come as one [B, Hkv, S, D] tensor or in
+query heads that share the selection, and writes a partial output and its log-sum-exp. The pieces
+are merged by their log-sum-exp: by a second small kernel, or (loki_decode) by the row's last piece
+to finish, which a counter per row finds (one launch fewer). Keys come as one [B, Hkv, S, D] tensor or in
 the two-plane Loki layout (layout.py: a kept row is then read from both planes).
 
 A selection row serves QPS query heads: 1 with group="head" (row r is query head r), and
@@ -14,13 +15,20 @@ kept row is read once for all of them).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, pow2, upcast_dot
+from ._common import (
+    Pinned,
+    dot_f32,
+    keep_configs,
+    launch,
+    launch_args,
+    multiprocessors,
+    pow2,
+    upcast_dot,
+)
 from .layout import Keys, LokiKeys
 
 LOG2E = 1.4426950408889634
@@ -43,10 +51,33 @@ def _prune(configs, named_args, **kwargs):
 # Kernels
 
 
-@triton.autotune(configs=_configs(), key=["QPS_PAD", "DPAD", "SPLIT", "ROWS_HINT"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr):
+    """out[b, h] = the pieces' partial outputs weighted by their share of the softmax (from their
+    log-sum-exps, base 2); empty pieces (lse -inf) weigh 0. Pieces are read past L1 (.cg): other
+    programs wrote them. 32 dims at a time, so that merging inside the attention kernel adds few
+    registers to it."""
+    DC: tl.constexpr = 32 if DPAD > 32 else DPAD
+    offs_s = tl.arange(0, NSPLIT_PAD)
+    s_ok = offs_s < nsplit
+    lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    w = tl.exp2(lse - tl.max(lse, axis=0))
+    total = tl.sum(w, axis=0)
+    for d0 in tl.static_range(0, DPAD, DC):
+        offs_d = d0 + tl.arange(0, DC)
+        d_ok = offs_d < head_dim
+        o = tl.load(
+            o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+            mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg",
+        )
+        tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, tl.sum(o * w[:, None], axis=0) / total, mask=d_ok)
+
+
+@triton.autotune(configs=_configs(), key=["QPS_PAD", "DPAD", "SPLIT", "ROWS_HINT", "MERGE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _sparse_attention_kernel(
-    q_ptr, k_ptr, kh_ptr, v_ptr, idx_ptr, budgets_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, kh_ptr, v_ptr, idx_ptr, budgets_ptr, o_part_ptr, lse_part_ptr, out_ptr, done_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_hb, stride_hh, stride_hs,
@@ -54,10 +85,11 @@ def _sparse_attention_kernel(
     stride_ib, stride_ir,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_outb, stride_outh,
     num_rows, group_size, head_dim, d_low, scale_log2, nsplit, ROWS_HINT,
     QPS: tl.constexpr, QPS_PAD: tl.constexpr, DPAD: tl.constexpr,
     SPLIT: tl.constexpr, DLP: tl.constexpr, DHP: tl.constexpr, HAS_HIGH: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, MERGE: tl.constexpr, NSPLIT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_row = tl.program_id(1)
@@ -123,6 +155,14 @@ def _sparse_attention_kernel(
     o_ptrs = o_part_ptr + b * stride_ob + (h0 + offs_g)[:, None] * stride_oh + pid_split * stride_os + offs_d[None, :]
     tl.store(o_ptrs, o, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(lse_part_ptr + b * stride_lb + (h0 + offs_g) * stride_lh + pid_split, lse, mask=g_ok)
+    if MERGE:  # the row's last piece to finish merges all of them (done_ptr: a counter per row, left at 0)
+        tl.debug_barrier()  # every thread's stores of this piece precede the release below
+        finished = tl.atomic_add(done_ptr + pid_row, 1, sem="acq_rel")
+        if finished == nsplit - 1:
+            for g in range(QPS):
+                _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h0 + g, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                              stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD)
+            tl.store(done_ptr + pid_row, 0)
 
 
 _ATTENTION = Pinned(_sparse_attention_kernel)
@@ -138,28 +178,12 @@ def _merge_kernel(
     pid = tl.program_id(0)
     b = (pid // num_heads).to(tl.int64)
     h = pid % num_heads
-    offs_s = tl.arange(0, NSPLIT_PAD)
-    offs_d = tl.arange(0, DPAD)
-    s_ok = offs_s < nsplit
-    d_ok = offs_d < head_dim
-    lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # empty pieces weigh 0
-    o = tl.load(
-        o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out, mask=d_ok)
+    _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
-
-
-@functools.cache
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def num_splits(rows: int, kmax: int, num_sms: int) -> int:
@@ -169,8 +193,11 @@ def num_splits(rows: int, kmax: int, num_sms: int) -> int:
 
 
 def _launch(
-    *, q_rot, k_rot: Keys, v, idx, budgets, o_part, lse_part, scaling: float, qps: int, nsplit: int
+    *, q_rot, k_rot: Keys, v, idx, budgets, o_part, lse_part, scaling: float, qps: int, nsplit: int,
+    out: torch.Tensor | None = None, done: torch.Tensor | None = None,
 ) -> None:
+    """With `out` and `done` (int32 [B x R] zeros, left at zero) each row's last piece merges the
+    pieces into out itself: no _launch_merge."""
     b, h, dim = q_rot.shape
     _, hkv, s, _ = k_rot.shape
     rows, kmax = idx.shape[1], idx.shape[2]
@@ -185,6 +212,10 @@ def _launch(
     assert h % hkv == 0 and rows * qps == h and idx.shape[0] == b and idx.dtype == torch.int32
     assert budgets.shape == (b,) and budgets.dtype == torch.int32
     assert o_part.shape == (b, h, nsplit, dim) and lse_part.shape == (b, h, nsplit)
+    merge = out is not None
+    if merge:
+        assert out.shape == (b, h, dim) and out.dtype == torch.float32 and out.stride(-1) == 1
+        assert done is not None and done.numel() == b * rows and done.dtype == torch.int32
     grid = (nsplit, b * rows)
     _ATTENTION.launch(
         grid, (q_rot.dtype,), q_ptr=q_rot, k_ptr=k_lo, kh_ptr=k_hi, v_ptr=v, idx_ptr=idx, budgets_ptr=budgets, o_part_ptr=o_part, lse_part_ptr=lse_part,
@@ -195,6 +226,9 @@ def _launch(
         stride_ib=idx.stride(0), stride_ir=idx.stride(1),
         stride_ob=o_part.stride(0), stride_oh=o_part.stride(1), stride_os=o_part.stride(2),
         stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
+        out_ptr=out if merge else o_part, done_ptr=done if merge else budgets,
+        stride_outb=out.stride(0) if merge else 0, stride_outh=out.stride(1) if merge else 0,
+        MERGE=merge, NSPLIT_PAD=pow2(nsplit),
         num_rows=rows, group_size=h // hkv, head_dim=dim, d_low=d_low, scale_log2=scaling * LOG2E,
         nsplit=nsplit, ROWS_HINT=pow2(triton.cdiv(kmax, nsplit)),
         QPS=qps, QPS_PAD=pow2(qps, 16), DPAD=pow2(dim, 16),

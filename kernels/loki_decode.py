@@ -21,11 +21,12 @@ captured in a CUDA graph.
 Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
-every stage, and a record of its six launches (compiled kernel, grid, arguments; _common.Recorded),
+every stage, and a record of its launches (four; seven when the selection runs split, on rows
+longer than 16384 tokens: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
-tensors swapped in: a key lookup, one allocation (the output) and six launches. The last MAX_PLANS
-plans keep their scratch (about B x R x S x 5 bytes, R selection rows; `clear_plans()` frees it);
+tensors swapped in: a key lookup, one allocation (the output) and the launches. The last MAX_PLANS
+plans keep their scratch (about B x R x S x 5 bytes, R selection rows, + 1/16 of that split; `clear_plans()` frees it);
 a plan serves one call at a time on its stream, and a CUDA graph captured from loki_decode may be
 replayed only while its plan is kept. A decode loop over a cache whose length grows each step
 (sparse/generation.py) gets a new plan per step and gains nothing here; one that passes the
@@ -78,28 +79,28 @@ class _Plan:
         device = q_rot.device
         self.rows = h if spec.group == "head" else hkv
         self.kmax = spec.max_budget(s)
-        self.block = select.tile(s)
+        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.selection_mode(b * self.rows, s, device))
         self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
         f32 = dict(dtype=torch.float32, device=device)
         self.budgets = torch.empty(b, dtype=torch.int32, device=device)
         self.scores = torch.empty(b, self.rows, s, **f32)  # [B, R, S]
         self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
-        self.select_ws = select.workspace(b, self.rows, s, self.block, device)
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
+        self.done = torch.zeros(b * self.rows, dtype=torch.int32, device=device)  # pieces finished per row (attention.py)
         self.spec, self.d = spec, d
         self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
 
     def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
-        """The five stages through the launchers (recorded on the first call)."""
+        """The stages through the launchers (recorded on the first call): scores (the kernel also writes
+        the budgets), selection, sparse attention (its last piece per row merges the pieces)."""
         group_kv = self.spec.group == "kv"
-        select._launch_budgets(lengths=lengths, budgets=self.budgets, kf=self.spec.kf)  # [B] k = max(1, floor(kf x length))
-        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv)
-        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, block=self.block, **self.select_ws)
+        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv,
+                      budgets=self.budgets, kf=self.spec.kf)  # + budgets [B]: k = max(1, floor(kf x length))
+        select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
         qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
         attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
-                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit)
-        attention._launch_merge(o_part=self.o_part, lse_part=self.lse_part, out=out)
+                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit, out=out, done=self.done)
 
     def record(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """Run the stages once, recording each launch and where the call's own tensors sit in it."""

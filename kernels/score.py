@@ -7,6 +7,7 @@ G = H / Hkv query heads of a KV group summed in float32, as the oracle sums them
 own layout [B, Hkv, S, D]: the first d dims of a row are contiguous, so a tile reads d x 2 bytes
 per token and no second copy of K exists. One program reads tiles of one KV head once, for all the
 query heads it serves (one MMA: [G, d] x [d, tokens]). Positions s >= lengths[b] are left unwritten.
+For loki_decode the kernel also writes the selection budgets (one launch fewer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, float_bits, keep_configs, launch_args, pow2, upcast_dot, write_budgets
 from .layout import Keys, scored_plane
 
 # ----------------------------------------------------------------------------------------------
@@ -43,16 +44,20 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(configs=_configs(), key=["G_PAD", "DP", "GROUP_KV", "S_HINT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, lengths_ptr, scores_ptr,
+    q_ptr, k_ptr, lengths_ptr, scores_ptr, budgets_ptr, kf_bits, num_seqs,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_sb, stride_sr,
     num_kv_heads, d, S_HINT,
     G: tl.constexpr, G_PAD: tl.constexpr, DP: tl.constexpr, GROUP_KV: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BUDGETS: tl.constexpr,
     BLOCK_S: tl.constexpr, STEPS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if BUDGETS > 0:  # loki_decode: the selection's budgets, here instead of in a launch of their own
+        if (pid_s == 0) & (pid_bh == 0):
+            write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BUDGETS)
     b = (pid_bh // num_kv_heads).to(tl.int64)  # int64: B x Hkv x S x D can pass 2**31
     kvh = pid_bh % num_kv_heads
     length = tl.load(lengths_ptr + b)
@@ -88,8 +93,13 @@ _SCORE = Pinned(_score_kernel)
 # Launcher
 
 
-def _launch(*, q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor, d: int, group_kv: bool) -> None:
-    """k_rot [B, Hkv, S, >= d]: a plain cache, or the low plane of LokiKeys."""
+def _launch(
+    *, q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor, d: int, group_kv: bool,
+    budgets: torch.Tensor | None = None, kf: float = 1.0,
+) -> None:
+    """k_rot [B, Hkv, S, >= d]: a plain cache, or the low plane of LokiKeys. With `budgets` ([B] int32)
+    the kernel also writes the selection budgets max(1, floor(kf x lengths[b])) (select.decode_budgets'
+    values)."""
     b, h, dim = q_rot.shape
     _, hkv, s, dk = k_rot.shape
     assert k_rot.shape[0] == b and h % hkv == 0, (q_rot.shape, k_rot.shape)
@@ -97,9 +107,11 @@ def _launch(*, q_rot: torch.Tensor, k_rot: torch.Tensor, lengths: torch.Tensor, 
     assert 1 <= d <= min(dim, dk), (d, dim, dk)
     assert scores.shape == (b, hkv if group_kv else h, s) and scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and lengths.dtype == torch.int32
+    assert budgets is None or (budgets.shape == (b,) and budgets.dtype == torch.int32 and 0 < kf <= 1)
     grid = lambda meta: (triton.cdiv(s, meta["BLOCK_S"] * meta["STEPS"]), b * hkv)
     _SCORE.launch(
         grid, (q_rot.dtype, k_rot.dtype), q_ptr=q_rot, k_ptr=k_rot, lengths_ptr=lengths, scores_ptr=scores,
+        budgets_ptr=lengths if budgets is None else budgets, kf_bits=float_bits(kf), num_seqs=b, BUDGETS=0 if budgets is None else pow2(b, 16),
         stride_qb=q_rot.stride(0), stride_qh=q_rot.stride(1),
         stride_kb=k_rot.stride(0), stride_kh=k_rot.stride(1), stride_ks=k_rot.stride(2),
         stride_sb=scores.stride(0), stride_sr=scores.stride(1),

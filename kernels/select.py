@@ -14,9 +14,14 @@ gives the group offsets. Writing from one program per row instead cost as much a
 Rows with ties at the threshold (more keys equal to it than needed) are written by their row
 program, in token order.
 
-Rows longer than the register tile (BLOCK) go to a second kernel: a 512-bin histogram of the top 9
-key bits (sign and exponent), then 32-bin histograms of 5 more bits while the bucket holding the
-k-th key is larger than BLOCK, then that bucket is compacted into a scratch tile and bisected.
+Split mode (`choose_mode`): rows too few to fill the card (batch 1: 40 rows for 132 multiprocessors)
+or longer than the register tile run over a grid of chunks x rows instead. Four radix passes of 8
+bits find the k-th largest key exactly: each program histograms its chunk's keys that match the
+prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
+holding the k-th key from it. The last pass also stores, per chunk, its keys above the 24-bit bucket
+and the suffix sums of its histogram, so the write pass (a program per chunk again) knows from the
+threshold alone how many tokens earlier chunks keep, ties included. Five launches, each reading the
+row's scores (in L2 by then) once.
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
@@ -27,13 +32,13 @@ in float64, as the oracle's token_budget computes them, in one launch instead of
 
 from __future__ import annotations
 
-import struct
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, keep_configs, launch, launch_args, pow2
+from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -147,14 +152,9 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _budget_kernel(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constexpr):
-    """budgets[b] = max(1, floor(kf x lengths[b])), in float64 (kf arrives as its int64 bit pattern:
-    a float scalar argument would be rounded to float32)."""
-    offs = tl.arange(0, BLOCK)
-    ok = offs < num_seqs
-    n = tl.load(lengths_ptr + offs, mask=ok, other=0)
-    kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
-    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
+    """budgets[b] = max(1, floor(kf x lengths[b])) (_common.write_budgets; loki_decode has the score
+    kernel write them instead, saving a launch)."""
+    write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK)
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK"], prune_configs_by={"early_config_prune": _prune})
@@ -217,65 +217,159 @@ def _write_kernel(
         tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
+# Split selection: one row over many programs (a grid of chunks x rows), for rows too few to fill the
+# card (batch 1) and rows longer than the register tile. Four radix passes of 8 bits find the row's
+# k-th largest key exactly: each pass histograms the chunk's keys whose higher digits match the
+# prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
+# holding the k-th key from it. Past the first pass few keys match the prefix, and a chunk with few
+# adds them by an atomic each instead of a block histogram. The scores of a row sit in L2 between passes.
+
+NPASS = tl.constexpr(4)
+SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
+
+
 @triton.jit
-def _select_long_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, idx_ptr, scratch_ptr,
-    stride_sb, stride_sr, stride_ib, stride_ir,
-    num_rows,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr,
+def _radix_digit(keys, PASS: tl.constexpr):
+    """The PASS-th 8-bit digit of int32 keys, most significant first (pass 0 signed, shifted to 0..255).
+    Within equal higher digits, lower digits order as the keys do (two's complement)."""
+    if PASS == 0:
+        digit = (keys >> 24) + 128
+    else:
+        digit = (keys >> (24 - 8 * PASS)) & 255
+    return digit
+
+
+@triton.jit
+def _radix_descend(hist_ptr, state_ptr, kk, PASS: tl.constexpr, NB: tl.constexpr):
+    """(prefix, remaining) after the digit of pass PASS: the key's top 8 x (PASS + 1) bits (signed, as
+    `keys >> shift` gives them) and how many of the kk largest keys lie in that bucket. Pass 0 starts
+    from the whole row; later passes continue from what the pass after the previous one stored in
+    state_ptr (slot PASS - 1)."""
+    if PASS == 0:
+        prefix = kk * 0
+        remaining = kk
+    else:
+        prefix = tl.load(state_ptr + 2 * (PASS - 1))
+        remaining = tl.load(state_ptr + 2 * (PASS - 1) + 1)
+    hist = tl.load(hist_ptr + PASS * NB + tl.arange(0, NB))
+    digit, above, _ = _pick_bin(hist, remaining, NB)
+    if PASS == 0:
+        prefix = digit - 128
+    else:
+        prefix = (prefix << 8) | digit
+    return prefix, remaining - above
+
+
+@triton.jit
+def _radix_kernel(
+    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr,
+    stride_sb, stride_sr,
+    num_rows, nch,
+    PASS: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
 ):
-    """Rows longer than BLOCK: narrow to one bucket of at most BLOCK keys, then as above."""
-    pid = tl.program_id(0)
+    """Pass PASS (0..3) of the radix search over one chunk of one row. Program 0 of a row stores the
+    bucket it read from the previous pass (state slot PASS - 1: later passes need not read that
+    histogram again) and keeps the scratch clean for the next call: pass 0 zeroes the histograms of
+    passes 1-3, pass p >= 2 that of pass p - 2 (no reader left). The last pass also stores, per chunk,
+    its keys above the 24-bit bucket and the suffix sums of its histogram, so the write pass knows each
+    chunk's offset from the final digit alone."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
     b = (pid // num_rows).to(tl.int64)
     r = pid % num_rows
     n = tl.load(lengths_ptr + b)
-    if n > BLOCK:
+    start = c * CH
+    if start < n:
         kk = tl.load(budgets_ptr + b)
-        row_ptr = scores_ptr + b * stride_sb + r * stride_sr
-        offs = tl.arange(0, CHUNK)
-        tokens = tl.arange(0, CHUNK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        bins = tl.arange(0, NB)
+        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
+        row_state = state_ptr + pid.to(tl.int64) * 2 * NPASS
+        offs = start + tl.arange(0, CH)
+        valid = offs < n
+        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, offs, n)
+        prefix = kk * 0
+        if PASS > 0:
+            prefix, remaining = _radix_descend(row_hist, row_state, kk, PASS - 1, NB)
+            if c == 0:
+                two = tl.arange(0, 2)
+                tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
+        if PASS == 0:
+            match = valid
+        else:  # keys whose digits above this pass equal the prefix
+            match = valid & ((keys >> (32 - 8 * PASS)) == prefix)
+        digit = _radix_digit(keys, PASS)
+        n_match = tl.sum(tl.where(match, 1, 0), axis=0)
+        hist = tl.zeros([NB], tl.int32)
+        if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
+            hist = tl.histogram(digit, NB, mask=match)
+            tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
+        elif PASS < NPASS - 1:  # few (the usual case past pass 1): an atomic per key, no histogram
+            tl.atomic_add(row_hist + PASS * NB + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
+        else:  # the last pass needs this chunk's histogram too (its suffix sums)
+            if n_match > 0:
+                hist = tl.histogram(digit, NB, mask=match)
+                tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
+        if c == 0:
+            zeros = tl.zeros([NB], tl.int32)
+            if PASS == 0:
+                for p in tl.static_range(1, NPASS):
+                    tl.store(row_hist + p * NB + bins, zeros)
+            else:
+                if PASS >= 2:
+                    tl.store(row_hist + (PASS - 2) * NB + bins, zeros)
+        if PASS == NPASS - 1:
+            chunk = pid.to(tl.int64) * nch + c
+            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> 8) > prefix), 1, 0), axis=0))
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] keys of the bucket with digit >= bin
+            tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
 
-        # top 9 bits (sign, exponent): the bucket holding the kk-th largest key
-        hist = tl.zeros([512], dtype=tl.int32)
-        for start in range(0, n, CHUNK):
-            chunk = _load_keys(row_ptr, start + offs, n)
-            hist += tl.histogram((chunk >> 23) + 256, 512, mask=start + offs < n)
-        b9, above, inside = _pick_bin(hist, kk, 512)
-        prefix = b9 - 256
-        resolved = n * 0 + 9
-        while (inside > BLOCK) & (resolved < 32):  # 5 more bits at a time
-            nbits = tl.minimum(32 - resolved, 5)
-            shift = 32 - resolved - nbits
-            sub = tl.zeros([32], dtype=tl.int32)
-            for start in range(0, n, CHUNK):
-                chunk = _load_keys(row_ptr, start + offs, n)
-                match = (start + offs < n) & ((chunk >> (32 - resolved)) == prefix)
-                digit = (chunk >> shift) & ((tl.full([], 1, tl.int32) << nbits) - 1)
-                sub += tl.histogram(digit, 32, mask=match)
-            b5, above5, inside = _pick_bin(sub, kk - above, 32)
-            prefix = (prefix << nbits) | b5
-            resolved += nbits
-            above += above5
 
-        # compact the bucket, in token order, into this row's scratch tile and bisect it there
-        scratch_row = scratch_ptr + pid.to(tl.int64) * BLOCK
-        written = n * 0
-        for start in range(0, n, CHUNK):
-            chunk = _load_keys(row_ptr, start + tokens, n)
-            match = (chunk >> (32 - resolved)) == prefix
-            match = match & (start + tokens < n)
-            pos, n_match = _prefix_rank(match, GROUP)
-            tl.store(scratch_row + written + pos, chunk, mask=match & (written + pos < BLOCK))
-            written += n_match
-        tl.debug_barrier()  # the tile is read back by other threads of this program
-        tile = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        keys = tl.load(scratch_row + tile, mask=tile < tl.minimum(inside, BLOCK), other=-2147483648)
-        lo = prefix.to(tl.int64) << (32 - resolved)  # the bucket's key range: thr must stay inside it
-        hi = lo + (tl.full([], 1, tl.int64) << (32 - resolved)) - 1
-        thr = _kth_key(keys, kk - above, lo, hi)
-        need = kk - above - tl.sum(tl.where(keys > thr, 1, 0))
+@triton.jit
+def _radix_write_kernel(
+    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr, idx_ptr,
+    stride_sb, stride_sr, stride_ib, stride_ir,
+    num_rows, nch,
+    CH: tl.constexpr, NB: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
+):
+    """The kept tokens of one chunk, in token order, at the chunk's offset in the row's list: keys
+    above the threshold, then keys equal to it while the row's ties taken so far (earlier chunks
+    first) stay below the number needed."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // num_rows).to(tl.int64)
+    r = pid % num_rows
+    n = tl.load(lengths_ptr + b)
+    start = c * CH
+    if start < n:
+        kk = tl.load(budgets_ptr + b)
+        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
+        thr, need = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 2 * NPASS, kk, NPASS - 1, NB)
+        low = thr & (NB - 1)  # the last digit of the threshold
+        chunks = tl.arange(0, NCH_PAD)
+        earlier = chunks < c
+        base = pid.to(tl.int64) * nch + chunks
+        ge = tl.load(suffix_ptr + base * NB + low, mask=earlier, other=0)  # keys of the 24-bit bucket >= thr
+        gt_low = tl.load(suffix_ptr + base * NB + low + 1, mask=earlier & (chunks * 0 + low < NB - 1), other=0)
+        above = tl.load(gt_ptr + base, mask=earlier, other=0) + gt_low
+        ties_before = tl.sum(ge - gt_low, axis=0)
+        offset = tl.sum(above, axis=0) + tl.minimum(ties_before, need)
 
-        _emit_row(row_ptr, n, thr, need, idx_ptr + b * stride_ib + r * stride_ir, CHUNK, GROUP)
+        mine = pid.to(tl.int64) * nch + c
+        ties_here = tl.load(suffix_ptr + mine * NB + low)
+        if low < NB - 1:
+            ties_here -= tl.load(suffix_ptr + mine * NB + low + 1)
+
+        tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CH / GROUP, GROUP]
+        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
+        if ties_before + ties_here <= need:  # every tie here is kept (or there is none)
+            keep = keys >= thr
+        elif ties_before >= need:  # none is
+            keep = keys > thr
+        else:  # the chunk where the kept ties run out: rank them
+            tie_rank, _ = _prefix_rank(keys == thr, GROUP)
+            keep = (keys > thr) | ((keys == thr) & (ties_before + tie_rank < need))
+        pos, _ = _prefix_rank(keep, GROUP)
+        tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
 _SELECT = Pinned(_select_kernel)
@@ -284,46 +378,104 @@ _SELECT = Pinned(_select_kernel)
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-
-def workspace(b: int, rows: int, s: int, block: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Scratch of one selection: each row's threshold, kept counts per write chunk, and (rows longer
-    than the register tile) a tile per row for the bucket being bisected."""
-    nch = max(1, block // WRITE_CHUNK)
-    empty = lambda n: torch.empty(n, dtype=torch.int32, device=device)  # noqa: E731
-    return {"thr": empty(b * rows), "counts": empty(b * rows * nch), "scratch": empty(b * rows * block if s > block else 0)}
+RADIX_BINS = 256  # bins of each of the 4 radix passes (8-bit digits)
+RADIX_PASSES = 4
+MODES = ("auto", "row", "split")
 
 
-def _launch(
-    *, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, block: int,
-    thr: torch.Tensor, counts: torch.Tensor, scratch: torch.Tensor,
-) -> None:
+def split_chunk(s: int) -> int:
+    """Tokens per program of the split selection: programs enough to fill the card at batch 1 (at
+    least 4 per row), each histogram pass a few thousand keys per program."""
+    if s <= 8192:
+        return max(GROUP, min(1024, pow2(triton.cdiv(s, 4))))
+    return 2048 if s <= 32768 else 4096
+
+
+def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
+    """"split" (a row over many programs) for rows longer than the register tile, "row" (a program
+    per row) otherwise. On an H200 (benchmarks/select_modes.py, llama2-13b / llama3-8b shapes, kf 0.25)
+    the row kernel was faster wherever it can run, batch 1 included (40 rows on 132 multiprocessors):
+    select 17 vs 25 us at 4k, 29 vs 36 us at 16k; at 16k batch 16, 33 vs 66 us (128 rows, group kv)
+    and 98 vs 253 us (640 rows). The split mode's five dependent launches cost more than the idle
+    multiprocessors gain. LOKITOOL_SELECT=row|split forces one where both can run (benchmarks)."""
+    forced = os.environ.get("LOKITOOL_SELECT", "auto")
+    if forced not in MODES:
+        raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
+    if s > pow2(block_cap, 128):
+        return "split"  # the row kernel holds whole rows only
+    return "row" if forced == "auto" else forced
+
+
+def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
+    """The mode loki_decode's selection runs in for total_rows rows of s tokens on this device."""
+    return choose_mode(total_rows, s, multiprocessors(device))
+
+
+class SelectPlan:
+    """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
+    holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
+    tokens, a program each (radix histograms [B x R, RADIX_PASSES, RADIX_BINS], kept zero between calls;
+    per-row state; per-chunk counts and suffix sums)."""
+
+    def __init__(self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP, chunk: int | None = None):
+        assert mode in ("row", "split"), mode
+        self.mode = mode
+        i32 = dict(dtype=torch.int32, device=device)
+        if mode == "row":
+            self.block = tile(s, block_cap)
+            assert s <= self.block, (s, self.block)
+            nch = max(1, self.block // WRITE_CHUNK)
+            self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
+        else:
+            self.chunk = chunk or split_chunk(s)
+            assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
+            self.nch = triton.cdiv(s, self.chunk)
+            self.ws = {
+                "hist": torch.zeros(b * rows * RADIX_PASSES * RADIX_BINS, **i32),  # zero on entry: each call leaves it so
+                "state": torch.empty(b * rows * 2 * RADIX_PASSES, **i32),
+                "gt": torch.empty(b * rows * self.nch, **i32),
+                "suffix": torch.empty(b * rows * self.nch * RADIX_BINS, **i32),
+            }
+
+
+def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
     b, rows, s = scores.shape
-    nch = max(1, block // WRITE_CHUNK)
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
     assert idx.shape[:2] == (b, rows) and idx.dtype == torch.int32 and idx.stride(-1) == 1
-    assert block == triton.next_power_of_2(block) and block >= 128, block
-    assert thr.numel() == b * rows and counts.numel() == b * rows * nch and (s <= block or scratch.numel() == b * rows * block)
+    strides = dict(stride_sb=scores.stride(0), stride_sr=scores.stride(1))
+    if plan.mode == "split":
+        ws = plan.ws
+        assert ws["hist"].numel() == b * rows * RADIX_PASSES * RADIX_BINS and ws["suffix"].numel() == b * rows * plan.nch * RADIX_BINS
+        common = dict(
+            scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], state_ptr=ws["state"],
+            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
+        )
+        warps = 8 if plan.chunk >= 2048 else 4
+        for p in range(RADIX_PASSES):
+            launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
+        launch(
+            _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),
+            NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=warps,
+        )
+        return
+    block = plan.block
+    nch = max(1, block // WRITE_CHUNK)
+    thr, counts = plan.ws["thr"], plan.ws["counts"]
+    assert block == triton.next_power_of_2(block) and block >= 128 and s <= block, (block, s)
+    assert thr.numel() == b * rows and counts.numel() == b * rows * nch
     common = dict(
-        scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, idx_ptr=idx,
-        stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
-        num_rows=rows, BLOCK=block, GROUP=GROUP,
+        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts, **strides,
+        stride_ib=idx.stride(0), stride_ir=idx.stride(1), num_rows=rows, BLOCK=block, GROUP=GROUP, NCH=nch,
     )
-    _SELECT.launch((b * rows,), (), thr_ptr=thr, counts_ptr=counts, **common, NCH=nch)
-    launch(
-        _write_kernel, (nch, b * rows),
-        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts,
-        stride_sb=scores.stride(0), stride_sr=scores.stride(1), stride_ib=idx.stride(0), stride_ir=idx.stride(1),
-        num_rows=rows, BLOCK=block, NCH=nch, GROUP=GROUP, num_warps=4,
-    )
-    if s > block:
-        launch(_select_long_kernel, (b * rows,), scratch_ptr=scratch, **common, CHUNK=min(block, 2048), num_warps=16 if block >= 8192 else 8)
+    _SELECT.launch((b * rows,), (), budgets_ptr=budgets, **common)
+    launch(_write_kernel, (nch, b * rows), **common, num_warps=4)
 
 
 def _launch_budgets(*, lengths: torch.Tensor, budgets: torch.Tensor, kf: float) -> None:
     assert lengths.dim() == 1 and lengths.dtype == torch.int32 and budgets.shape == lengths.shape and budgets.dtype == torch.int32
     assert 0 < kf <= 1, kf
-    kf_bits = struct.unpack("<q", struct.pack("<d", kf))[0]
+    kf_bits = float_bits(kf)
     launch(
         _budget_kernel, (1,), lengths_ptr=lengths, budgets_ptr=budgets, kf_bits=kf_bits, num_seqs=lengths.shape[0], BLOCK=pow2(lengths.shape[0], 16)
     )
@@ -347,18 +499,25 @@ def tile(s: int, block_cap: int = DEFAULT_BLOCK_CAP) -> int:
 
 
 def select_topk(
-    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP
+    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP,
+    mode: str = "auto", chunk: int | None = None,
 ) -> torch.Tensor:
     """Kept token indices [B, R, kmax] int32 of scores [B, R, S]: row (b, r) lists its budgets[b]
-    largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined."""
+    largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined.
+    mode "row" (a program per row, rows up to block_cap), "split" (chunks of `chunk` tokens over many
+    programs) or "auto" (choose_mode)."""
     b, rows, s = scores.shape
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
-    block = tile(s, block_cap)
+    if mode == "auto" or s > pow2(block_cap, 128):
+        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap) if mode == "auto" else "split"
     if lengths.dtype != torch.int32:
         lengths = lengths.to(torch.int32)
     if budgets.dtype != torch.int32:
         budgets = budgets.to(torch.int32)
-    _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, block=block, **workspace(b, rows, s, block, scores.device))
+    plan = SelectPlan(b, rows, s, scores.device, mode=mode, block_cap=block_cap, chunk=chunk)
+    _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
     return idx
 
 

@@ -68,8 +68,12 @@ def test_plans_are_replayed_only_for_calls_that_match(layout):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
-@pytest.mark.parametrize("layout", ["plain", "split"])
-def test_replay_swaps_in_the_calls_tensors(layout, monkeypatch):
+@pytest.mark.parametrize(
+    "layout,select_mode,group,launches",
+    # score (+ budgets), selection (row: 2 launches; split: 4 radix passes and a write), attention (+ merge)
+    [("plain", "row", "head", 4), ("split", "row", "head", 4), ("split", "split", "head", 7), ("split", "split", "kv", 7)],
+)
+def test_replay_swaps_in_the_calls_tensors(layout, select_mode, group, launches, monkeypatch):
     """The interpreter compiles nothing to record, so record interpreted launches instead: a replay
     that put any of the call's tensors (or the plan's scratch) in the wrong slot would differ."""
     import importlib
@@ -83,16 +87,17 @@ def test_replay_swaps_in_the_calls_tensors(layout, monkeypatch):
             _common._recording.launches.append((runner, [args[name] for name in jit_fn.arg_names]))
 
     monkeypatch.setattr(_common, "_record", record_interpreted)
+    monkeypatch.setenv("LOKITOOL_SELECT", select_mode)
     plans = importlib.import_module("lokitool.kernels.loki_decode")._PLANS
     b, h, hkv, s, dim = 2, 4, 2, 70, 32
-    spec = LokiSpec(kf=0.3, df=0.25, group="head")
+    spec = LokiSpec(kf=0.3, df=0.25, group=group)
     keys = (lambda k: split_keys(k, spec.dims(dim))) if layout == "split" else (lambda k: k)
     (q1, k1, v1), (q2, k2, v2) = make_cache(b, h, hkv, s, dim, torch.float16, seed=1), make_cache(b, h, hkv, s, dim, torch.float16, seed=2)
     run = lambda q, k, v, lengths: loki_decode(q, keys(k), v, lengths, spec=spec, scaling=dim**-0.5)  # noqa: E731
     clear_plans()
     run(q1, k1, v1, torch.tensor([70, 33], dtype=torch.int32))
     (plan,) = plans.values()
-    assert plan.replay is not None and len(plan.replay) == 6
+    assert plan.replay is not None and len(plan.replay) == launches
     replayed = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
     clear_plans()
     fresh = run(q2, k2, v2, torch.tensor([41, 70], dtype=torch.int32))
@@ -155,6 +160,16 @@ def test_loki_decode_matches_oracle(b, h, hkv, s, dim, d, kf, lens, dtype, group
 def test_loki_decode_two_plane_layout(b, h, hkv, s, dim, d, kf, lens, group):
     """Keys split after dim d (LokiKeys: the Loki layout), d = D included (an empty high plane)."""
     check_decode(b, h, hkv, s, dim, d, kf, lens, torch.float16, group, layout="split")
+
+
+@pytest.mark.parametrize("group", ["head", "kv"])
+@pytest.mark.parametrize("b,h,hkv,s,dim,d,kf,lens", [DECODE_CASES[i] for i in (0, 1, 4)])
+def test_loki_decode_split_selection(b, h, hkv, s, dim, d, kf, lens, group, monkeypatch):
+    """The split selection (a row over several programs, as at batch 1 on a GPU) end to end."""
+    monkeypatch.setenv("LOKITOOL_SELECT", "split")
+    clear_plans()
+    check_decode(b, h, hkv, s, dim, d, kf, lens, torch.float16, group, layout="split")
+    clear_plans()
 
 
 def test_split_keys_round_trip():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_support import (
     DEVICE,
+    ON_GPU,
     LokiSpec,
     _one_config_per_kernel,  # noqa: F401  (autouse; importing kernel_support switches on the interpreter first)
     decode_budgets,
@@ -82,3 +83,80 @@ def test_select_longer_rows(kind):
     assert torch.equal(got, want), f"{(got != want).sum()} disagreements"
 
 
+
+
+@pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
+@pytest.mark.parametrize("kf", [1e-4, 0.3, 1.0], ids=["k=1", "kf=.3", "k=length"])
+def test_split_selection_is_exact_topk(kind, kf):
+    """Split mode (rows over chunks of 64 tokens: up to 5 programs a row, ragged lengths ending mid-chunk,
+    on a chunk boundary and inside the first chunk) against exact top-k."""
+    s = 300
+    lengths = torch.tensor([300, 1, 256, 129], dtype=torch.int32)
+    scores = _scores_of(kind, (4, 2, s), seed=len(kind) + 1)
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), mode="split", chunk=64)
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:8].tolist()
+        pytest.fail(f"{(got != want).sum()} disagreements, first (b, r, s): {bad}; kept {got.sum(-1).tolist()} vs k {budgets.tolist()}")
+    listed = idx.cpu().long()
+    for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
+        assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+
+
+def test_split_selection_reuses_its_scratch():
+    """One SelectPlan over several calls (as loki_decode's plans run it): the radix histograms must
+    come back to zero after each call, whatever the previous call's rows were. NaN scores (a key above
+    +inf, or below -inf when negative) give the same kept sets as the row kernel."""
+    from lokitool.kernels import select
+
+    b, rows, s, kf = 2, 3, 200, 0.3
+    lengths = torch.tensor([200, 97], dtype=torch.int32, device=DEVICE)
+    budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
+    plan = select.SelectPlan(b, rows, s, DEVICE, mode="split", chunk=32)
+    for seed, kind in enumerate(["random", "few-values", "nan", "random"]):
+        scores = _scores_of("random" if kind == "nan" else kind, (b, rows, s), seed=seed)
+        if kind == "nan":
+            scores[0, 0, 10:14] = float("nan")
+            scores[1, 1, 20:23] = -float("nan")
+        idx = torch.empty(b, rows, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+        select._launch(scores=scores.to(DEVICE), lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+        got = kept_mask(idx, budgets, s).cpu()
+        row_mode = select_topk(scores.to(DEVICE), lengths, budgets, kmax=idx.shape[-1], mode="row")
+        assert torch.equal(got, kept_mask(row_mode, budgets, s).cpu()), kind
+        if kind != "nan":
+            assert torch.equal(got, stable_topk_mask(scores, lengths.cpu(), budgets.cpu())), kind
+    hist = plan.ws["hist"].view(b * rows, select.RADIX_PASSES, -1)
+    assert int(hist[:, :2].abs().sum()) == 0  # passes 0 and 1 clear their histograms within the call
+
+
+@pytest.mark.skipif(not ON_GPU, reason="decode-scale rows: minutes on the interpreter")
+@pytest.mark.parametrize("mode", ["row", "split"])
+@pytest.mark.parametrize("group_sum", [1, 4], ids=["head", "kv-sum"])
+def test_select_at_decode_scale(mode, group_sum):
+    """Rows of 16384 scores as the decode step makes them (sums of `group_sum` query heads' scores for
+    group kv), 16 x 8 rows, ragged, ties planted at each row's threshold, compiled kernels at their
+    autotuned configs: exactly the stable top-k."""
+    import os
+
+    b, rows, s, kf = 16, 8, 16384, 0.25
+    g = torch.Generator().manual_seed(group_sum)
+    scores = sum(torch.randn(b, rows, s, generator=g) * 2 for _ in range(group_sum)).float()
+    lengths = torch.randint(s // 2, s + 1, (b,), generator=g).to(torch.int32)
+    lengths[0] = s
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    for bi in range(b):  # a few exact copies of each row's k-th largest score
+        n, k = int(lengths[bi]), int(budgets[bi])
+        kth = scores[bi, :, :n].sort(dim=-1, descending=True).values[:, k - 1 : k]  # [rows, 1]
+        pos = torch.randint(0, n, (rows, 4), generator=g)
+        scores[bi].scatter_(-1, pos, kth.expand(rows, 4))
+    os.environ["LOKITOOL_AUTOTUNE"] = "1"  # the configs the bench and loki_decode run
+    try:
+        idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), mode=mode)
+    finally:
+        os.environ["LOKITOOL_AUTOTUNE"] = "0"
+    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    bad_rows = (got != want).any(-1).nonzero().tolist()
+    assert not bad_rows, f"{len(bad_rows)} rows differ from exact top-k, first (b, r): {bad_rows[:8]}"

@@ -217,6 +217,7 @@ class MethodResult:
     stages: dict[str, float] = field(default_factory=dict)
     peak_mem_mb: float | None = None
     output: torch.Tensor | None = None
+    select: str = ""  # loki-triton's selection mode: row (a program per row) or split (a row over many programs)
     note: str = ""
 
 
@@ -255,9 +256,10 @@ def run_method(method: str, x: dict, p: Point, device: torch.device, scaling: fl
         whole, stages = _stage_fns(method, x, p, scaling)
         res = MethodResult(output=whole().float())
         if method == "loki-triton":  # peak memory counts the scratch that loki_decode's first call at a shape keeps
-            from ..kernels import clear_plans
+            from ..kernels import clear_plans, selection_mode
 
             clear_plans()
+            res.select = selection_mode(p.batch * p.rows, p.seq_len, device)
         res.peak_mem_mb = peak_extra_mb(whole, device)
         res.p10_ms, res.median_ms, res.p90_ms = time_ms(whole, device)
         res.plain_ms = time_ms(whole, device, graph=False)[1] if device.type == "cuda" else res.median_ms

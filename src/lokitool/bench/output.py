@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .kernels import BenchConfig, MethodResult, Point
 
 CSV_COLUMNS = [
-    "gpu", "method", "batch", "heads", "kv_heads", "head_dim", "seq_len", "kf", "df", "d", "k", "group", "layout", "dtype",
+    "gpu", "method", "batch", "heads", "kv_heads", "head_dim", "seq_len", "kf", "df", "d", "k", "group", "layout", "select", "dtype",
     "median_ms", "p10_ms", "p90_ms", "plain_ms", "gbps", "frac_copy_bw", "floor_ms", "speedup_vs_sdpa", "plain_speedup_vs_sdpa",
     "byte_ceiling", "score_ms", "select_ms", "attn_ms", "score_gbps", "attn_gbps", "peak_mem_mb", "max_err_vs_loki_torch",
     "copy_gbps", "note", "torch", "triton", "cuda", "lokitool", "git", "timestamp",
@@ -53,7 +53,8 @@ def make_row(method: str, p: Point, res: MethodResult, env: Environment, cfg: Be
     return {
         "gpu": env.gpu, "method": method, "batch": str(p.batch), "heads": str(p.heads), "kv_heads": str(p.kv_heads),
         "head_dim": str(p.head_dim), "seq_len": str(p.seq_len), "kf": str(cfg.spec.kf), "df": str(cfg.spec.df), "d": str(p.d),
-        "k": str(p.k), "group": p.group, "layout": p.layout if method == "loki-triton" else "plain", "dtype": cfg.dtype,
+        "k": str(p.k), "group": p.group, "layout": p.layout if method == "loki-triton" else "plain",
+        "select": res.select, "dtype": cfg.dtype,
         "median_ms": _fmt(res.median_ms), "p10_ms": _fmt(res.p10_ms), "p90_ms": _fmt(res.p90_ms), "plain_ms": _fmt(res.plain_ms),
         "gbps": _fmt_rate(gbps), "frac_copy_bw": _fmt(gbps / bw if gbps and bw else None, 3), "floor_ms": _fmt(floor_ms),
         "speedup_vs_sdpa": _fmt(_ratio(sdpa.median_ms if sdpa else None, res.median_ms), 3),

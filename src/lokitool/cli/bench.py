@@ -64,7 +64,7 @@ def bench(
     env = result.env
     bw = f", copy {env.copy_gbps:,.0f} GB/s" if env.copy_gbps else ""
     table = Table(title=f"{env.gpu}{bw}: H={heads} Hkv={kv_heads} D={dim} {dtype} kf={kf} df={df} (d={config.d}) group={group} layout={layout}")
-    for col in ("B", "S", "method", "median ms", "p10-p90", "plain ms", "GB/s", "of copy", "vs sdpa", "plain vs sdpa",
+    for col in ("B", "S", "method", "select", "median ms", "p10-p90", "plain ms", "GB/s", "of copy", "vs sdpa", "plain vs sdpa",
                 "score", "select", "attn", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     # per-query-head selection on GQA reads each kept row once per query head: the byte ceiling
@@ -75,11 +75,12 @@ def bench(
         speedup = r["speedup_vs_sdpa"]
         if show_ceiling and r["byte_ceiling"] and r["method"] != "sdpa":
             speedup = f"{speedup or '-'} (ceiling {float(r['byte_ceiling']):.2f})"
-        table.add_row(r["batch"], r["seq_len"], r["method"], r["median_ms"], spread, r["plain_ms"], r["gbps"], r["frac_copy_bw"],
+        table.add_row(r["batch"], r["seq_len"], r["method"], r["select"], r["median_ms"], spread, r["plain_ms"], r["gbps"], r["frac_copy_bw"],
                       speedup, r["plain_speedup_vs_sdpa"], r["score_ms"], r["select_ms"], r["attn_ms"], r["note"])
     out.print(table)
     rows_per = f"{heads} rows (one per query head)" if group == "head" else f"{kv_heads} rows (one per KV head, shared by its {heads // kv_heads} query heads)"
     timing = "median = CUDA-graph replays, plain = launches without a graph" if env.copy_gbps else "median = plain = calls on the CPU"
-    out.print(f"selection: group {group}, {rows_per} per sequence; {timing}")
+    out.print(f"selection: group {group}, {rows_per} per sequence; select = loki-triton's top-k kernels (row: a program per row, "
+              f"split: a row over many programs); {timing}")
     written = [str(result.csv_path), str(result.json_path)] + ([str(result.png_path)] if result.png_path else [])
     out.print(f"torch {env.torch}, triton {env.triton}; wrote {', '.join(written)}")
