@@ -25,13 +25,7 @@ BATCH=${BATCH:-1,16}
 METHODS=${METHODS:-sdpa,loki-triton}
 MODELS=${MODELS:-llama2-13b,llama3-8b-kv}
 mkdir -p "$OUT"
-if [ "${INSTALL:-1}" = 1 ]; then
-  source benchmarks/gpu_env.sh
-else
-  PY=${PYTHON:-python3}
-  export PYTHONUNBUFFERED=1
-  unset TRITON_INTERPRET
-fi
+source benchmarks/gpu_env.sh  # INSTALL=0 skips the install
 
 (
   status=0

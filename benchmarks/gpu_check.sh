@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check of the Loki decode kernels, run from the repository root on a CUDA machine:
 #   1. the kernel tests (tests/test_kernel_*.py, test_prefill.py, test_architectures_kernels.py) compiled,
+#      then the two selection modes against exact top-k and each other (benchmarks/select_modes.py),
 #   2. `lokitool bench` at the shapes of issue 5 (llama2-13b attention: H=40, D=128, fp16,
 #      kf = df = 0.25, batch 1 and 16, context 4096 / 16384 / 65536), then a GQA point and a
 #      comparison of loki-triton's two key layouts (CUDA-graph and plain-launch medians),
@@ -12,6 +13,8 @@
 # The checkout is installed first (benchmarks/gpu_env.sh: pip install --no-deps -e .);
 # set PYTHON to choose the interpreter.
 # Quick mode: QUICK=1 benchmarks B=1 and 16 at 4096 and 16384, no layout comparison, no kernel_info.
+# SWEEP=1: step 2 is the context sweep of benchmarks/bench_sweep.sh instead (1k-128k, both shapes,
+# into $OUT/sweep); STAGES picks steps (default: tests modes bench host info eval).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -24,9 +27,21 @@ source benchmarks/gpu_env.sh
 } 2>&1 | tee "$OUT/env.log"
 
 status=0
-echo "== kernel tests (compiled) =="
-$PY -m pytest tests/test_kernel_score.py tests/test_kernel_select.py tests/test_kernel_attention.py tests/test_kernel_decode.py tests/test_prefill.py tests/test_architectures_kernels.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
-
+STAGES=" ${STAGES:-tests modes bench host info eval} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+if want tests; then
+  echo "== kernel tests (compiled) =="
+  $PY -m pytest tests/test_kernel_score.py tests/test_kernel_select.py tests/test_kernel_attention.py tests/test_kernel_decode.py \
+    tests/test_kernel_decode_full.py tests/test_kernel_cache_write.py tests/test_prefill.py tests/test_architectures_kernels.py \
+    -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" || status=1
+fi
+if want modes; then
+  echo "== selection modes against exact top-k =="
+  $PY benchmarks/select_modes.py ${MODE_SHAPES:+--shapes "$MODE_SHAPES"} --out "$OUT" 2>&1 | tee "$OUT/select_modes.log" || status=1
+fi
+if want bench && [ "${SWEEP:-0}" = 1 ]; then
+  OUT="$OUT/sweep" INSTALL=0 bash benchmarks/bench_sweep.sh || status=1
+elif want bench; then
 echo "== bench =="
 if [ "${QUICK:-0}" = 1 ]; then
   BATCH=1,16; SEQ=4096,16384
@@ -44,15 +59,18 @@ $PY -m lokitool bench --model llama2-13b --batch-size "$BATCH" --seq-len "$SEQ" 
       --output-path "$OUT" --no-plot
   fi
 } 2>&1 | tee "$OUT/bench_extra.log" || status=1
+fi
 
-echo "== host time per loki_decode call =="
-$PY benchmarks/host_overhead.py --out "$OUT" 2>&1 | tee "$OUT/host_overhead.log" || status=1
+if want host; then
+  echo "== host time per loki_decode call =="
+  $PY benchmarks/host_overhead.py --out "$OUT" 2>&1 | tee "$OUT/host_overhead.log" || status=1
+fi
 
-if [ "${QUICK:-0}" != 1 ]; then
+if want info && [ "${QUICK:-0}" != 1 ]; then
   echo "== kernel configs, registers, spills =="
   $PY benchmarks/kernel_info.py 2>&1 | tee "$OUT/kernel_info.log" || status=1
 fi
-if [ "${EVAL:-1}" = 1 ]; then
+if want eval && [ "${EVAL:-1}" = 1 ]; then
   echo "== eval --ppl speed =="
   $PY benchmarks/eval_speed.py --preset llama2-7b --seq-len 4096 --out "$OUT" 2>&1 | tee "$OUT/eval_speed.log" || status=1
 fi
