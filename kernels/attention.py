@@ -55,7 +55,7 @@ def _prune(configs, named_args, **kwargs):
 def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                   stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr):
     """out[b, h] = the pieces' partial outputs weighted by their share of the softmax (from their
-    log-sum-exps, base 2); empty pieces (lse -inf) weigh 0. Pieces are read past L1 (.cg): other
+    log-sum-exps, base 2; stored in out's dtype); empty pieces (lse -inf) weigh 0. Pieces are read past L1 (.cg): other
     programs wrote them. 32 dims at a time, so that merging inside the attention kernel adds few
     registers to it."""
     DC: tl.constexpr = 32 if DPAD > 32 else DPAD
@@ -71,7 +71,8 @@ def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh,
             o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
             mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg",
         )
-        tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, tl.sum(o * w[:, None], axis=0) / total, mask=d_ok)
+        merged = tl.sum(o * w[:, None], axis=0) / total
+        tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.autotune(configs=_configs(), key=["QPS_PAD", "DPAD", "SPLIT", "ROWS_HINT", "MERGE"], prune_configs_by={"early_config_prune": _prune})
@@ -197,7 +198,7 @@ def _launch(
     out: torch.Tensor | None = None, done: torch.Tensor | None = None,
 ) -> None:
     """With `out` and `done` (int32 [B x R] zeros, left at zero) each row's last piece merges the
-    pieces into out itself: no _launch_merge."""
+    pieces into out itself: no launch_merge."""
     b, h, dim = q_rot.shape
     _, hkv, s, _ = k_rot.shape
     rows, kmax = idx.shape[1], idx.shape[2]
@@ -237,9 +238,11 @@ def _launch(
     )
 
 
-def _launch_merge(*, o_part, lse_part, out) -> None:
+def launch_merge(*, o_part, lse_part, out) -> None:
+    """out [B, H, D] (any float dtype) from the pieces o_part [B, H, nsplit, D] and their base-2
+    log-sum-exps lse_part [B, H, nsplit] (float32): also the merge of kernels/decode_full.py."""
     b, h, nsplit, dim = o_part.shape
-    assert lse_part.shape == (b, h, nsplit) and out.shape == (b, h, dim) and out.dtype == torch.float32
+    assert lse_part.shape == (b, h, nsplit) and out.shape == (b, h, dim)
     assert o_part.stride(-1) == out.stride(-1) == lse_part.stride(-1) == 1
     launch(
         _merge_kernel, (b * h,), o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
@@ -283,5 +286,5 @@ def sparse_decode_attention(
         o_part=o_part, lse_part=lse_part,
         scaling=scaling, qps=qps, nsplit=nsplit,
     )
-    _launch_merge(o_part=o_part, lse_part=lse_part, out=out)
+    launch_merge(o_part=o_part, lse_part=lse_part, out=out)
     return out

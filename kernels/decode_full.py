@@ -11,7 +11,7 @@ serves every step of a decode loop and can be captured in a CUDA graph. The capa
 `nsplit` chunks; one program per (chunk, b, KV head) streams that chunk's keys and values once for
 all G = H / Hkv query heads of the group (GQA: each KV row is read once, not G times), runs an
 online softmax in float32 and writes a partial output and its log-sum-exp (base 2). Chunks past a
-sequence's length exit at once (lse = -inf). A second small kernel merges the chunks.
+sequence's length exit at once (lse = -inf). The merge kernel of attention.py combines the chunks.
 The oracle is `lokitool.sparse.reference.dense_decode_attention`.
 """
 
@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Pinned, dot_f32, keep_configs, launch, launch_args, pow2, upcast_dot
+from ._common import Pinned, dot_f32, keep_configs, launch_args, pow2, upcast_dot
+from .attention import launch_merge, multiprocessors
 
 LOG2E = 1.4426950408889634
 
@@ -99,30 +100,6 @@ def _full_decode_kernel(
     tl.store(lse_part_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
-@triton.jit
-def _merge_kernel(
-    o_part_ptr, lse_part_ptr, out_ptr,
-    stride_ob, stride_oh, stride_os,
-    stride_lb, stride_lh,
-    stride_outb, stride_outh,
-    num_heads, head_dim, nsplit,
-    NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr,
-):
-    row = tl.program_id(0)  # b * H + h
-    b = row // num_heads
-    h = row % num_heads
-    offs_s = tl.arange(0, NSPLIT_PAD)
-    offs_d = tl.arange(0, DPAD)
-    s_ok = offs_s < nsplit
-    d_ok = offs_d < head_dim
-    lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))  # chunk 0 always holds a valid key: the max is finite
-    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-                mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
@@ -155,19 +132,6 @@ def _launch(*, q, k, v, lengths, o_part, lse_part, scaling: float, nsplit: int) 
     )
 
 
-def _launch_merge(*, o_part, lse_part, out) -> None:
-    b, h, nsplit, dim = o_part.shape
-    assert lse_part.shape == (b, h, nsplit) and out.shape == (b, h, dim)
-    assert o_part.stride(-1) == out.stride(-1) == lse_part.stride(-1) == 1
-    launch(
-        _merge_kernel, (b * h,), o_part_ptr=o_part, lse_part_ptr=lse_part, out_ptr=out,
-        stride_ob=o_part.stride(0), stride_oh=o_part.stride(1), stride_os=o_part.stride(2),
-        stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
-        stride_outb=out.stride(0), stride_outh=out.stride(1),
-        num_heads=h, head_dim=dim, nsplit=nsplit, NSPLIT_PAD=pow2(nsplit), DPAD=pow2(dim, 16),
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Public wrapper
 
@@ -183,12 +147,10 @@ def full_decode(
         lengths = lengths.to(device=q.device, dtype=torch.int32)
     b, h, dim = q.shape
     if nsplit is None:
-        from .attention import multiprocessors
-
         nsplit = num_splits(b * k.shape[1], k.shape[2], multiprocessors(q.device))
     o_part = torch.empty(b, h, nsplit, dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, h, nsplit, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h, dim, dtype=q.dtype, device=q.device)
     _launch(q=q, k=k, v=v, lengths=lengths, o_part=o_part, lse_part=lse_part, scaling=scaling, nsplit=nsplit)
-    _launch_merge(o_part=o_part, lse_part=lse_part, out=out)
+    launch_merge(o_part=o_part, lse_part=lse_part, out=out)
     return out

@@ -158,18 +158,15 @@ def decode_n_tokens(
 ) -> torch.Tensor:
     """Greedy decode after `token` [B] (already generated, not yet in the cache): up to n more tokens,
     [B, <= n]. Stops early once every sequence has produced `stop_token`."""
-    out = []
-    done = torch.zeros_like(token, dtype=torch.bool)
-    for _ in range(n):
-        token = decode_one_token(model, token, cache)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        if stop_token is not None:
-            done |= token == stop_token
-            if bool(done.all()):
-                break
-    return torch.stack(out, dim=1) if out else token.new_empty(token.shape[0], 0)
+    if n < 1:
+        return token.new_empty(token.shape[0], 0)
+
+    def tokens(token: torch.Tensor) -> Iterator[torch.Tensor]:
+        for _ in range(n):
+            token = decode_one_token(model, token, cache)
+            yield token
+
+    return static.collect(tokens(token), on_token, stop_token)
 
 
 def generate(
@@ -187,14 +184,16 @@ def generate(
     model's own attention."""
     if max_new_tokens < 1:
         return ids.new_empty(ids.shape[0], 0)
+
+    def tokens() -> Iterator[torch.Tensor]:
+        token = prefill(model, ids, cache, prefill_chunk)
+        yield token
+        for _ in range(max_new_tokens - 1):
+            token = decode_one_token(model, token, cache)
+            yield token
+
     with torch.no_grad():
-        first = prefill(model, ids, cache, prefill_chunk)
-        if on_token is not None:
-            on_token(first)
-        if stop_token is not None and bool((first == stop_token).all()):
-            return first[:, None]
-        rest = decode_n_tokens(model, first, cache, max_new_tokens - 1, on_token, stop_token)
-    return torch.cat([first[:, None], rest], dim=1)
+        return static.collect(tokens(), on_token, stop_token)
 
 
 def new_cache(spec: LokiSpec | None, loki_bases_: torch.Tensor | None, max_length: int | None):

@@ -403,21 +403,31 @@ def generate_static(
     if max_new_tokens < 1:
         return ids.new_empty(ids.shape[0], 0)
     graph = cache.device.type == "cuda" if graph is None else graph
-    out = []
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    with static_attention(model, cache), torch.no_grad():
+
+    def tokens() -> Iterator[torch.Tensor]:
         decoder = StaticDecoder(model, cache)
-        token = decoder.prefill(ids, prefill_chunk)
-        for i in range(max_new_tokens):
-            if i:
-                if graph and decoder.graph is None:
-                    decoder.capture()
-                token = decoder.step().clone()
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            if stop_token is not None:
-                done |= token == stop_token
-                if bool(done.all()):
-                    break
+        yield decoder.prefill(ids, prefill_chunk)
+        for _ in range(max_new_tokens - 1):
+            if graph and decoder.graph is None:
+                decoder.capture()
+            yield decoder.step().clone()
+
+    with static_attention(model, cache), torch.no_grad():
+        return collect(tokens(), on_token, stop_token)
+
+
+def collect(
+    tokens: Iterator[torch.Tensor], on_token: Callable[[torch.Tensor], None] | None = None, stop_token: int | None = None
+) -> torch.Tensor:
+    """The greedy tokens [B] that `tokens` yields, stacked [B, n] (n >= 1), each passed to on_token;
+    stops once every sequence has produced `stop_token` (the eager and the static loop both end so)."""
+    out, done = [], None
+    for token in tokens:
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if stop_token is not None:
+            done = (token == stop_token) if done is None else done | (token == stop_token)
+            if bool(done.all()):
+                break
     return torch.stack(out, dim=1)
