@@ -40,6 +40,18 @@ def _scores_of(kind, shape, seed):
     raise ValueError(kind)
 
 
+def assert_exact_topk(idx: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor) -> None:
+    """The kernel's index lists keep exactly the stable top-k set of each row, in ascending token order."""
+    got = kept_mask(idx, budgets.to(DEVICE), scores.shape[-1]).cpu()
+    want = stable_topk_mask(scores, lengths, budgets)
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:8].tolist()
+        pytest.fail(f"{(got != want).sum()} disagreements, first (b, r, s): {bad}; kept {got.sum(-1).tolist()} vs k {budgets.tolist()}")
+    listed = idx.cpu().long()
+    for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
+        assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+
+
 @pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
 @pytest.mark.parametrize("block_cap", [128, 16384], ids=["tile128", "registers"])
 @pytest.mark.parametrize("kf", [1e-4, 0.3, 1.0], ids=["k=1", "kf=.3", "k=length"])
@@ -49,14 +61,7 @@ def test_select_is_exact_topk(kind, block_cap, kf):
     scores = _scores_of(kind, (4, 2, s), seed=len(kind))
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
     idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), block_cap=block_cap)
-    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
-    want = stable_topk_mask(scores, lengths, budgets)
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()[:8].tolist()
-        pytest.fail(f"{(got != want).sum()} disagreements, first (b, r, s): {bad}; kept {got.sum(-1).tolist()} vs k {budgets.tolist()}")
-    listed = idx.cpu().long()
-    for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
-        assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+    assert_exact_topk(idx, scores, lengths, budgets)
 
 
 @pytest.mark.parametrize("kf", [1e-4, 0.1, 0.25, 0.29, 1 / 3, 0.7, 1.0])
@@ -95,14 +100,7 @@ def test_split_selection_is_exact_topk(kind, kf):
     scores = _scores_of(kind, (4, 2, s), seed=len(kind) + 1)
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
     idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), mode="split", chunk=64)
-    got = kept_mask(idx, budgets.to(DEVICE), s).cpu()
-    want = stable_topk_mask(scores, lengths, budgets)
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()[:8].tolist()
-        pytest.fail(f"{(got != want).sum()} disagreements, first (b, r, s): {bad}; kept {got.sum(-1).tolist()} vs k {budgets.tolist()}")
-    listed = idx.cpu().long()
-    for b, k in enumerate(budgets.tolist()):  # ascending token order, exactly k
-        assert bool((listed[b, :, 1:k] > listed[b, :, : k - 1]).all())
+    assert_exact_topk(idx, scores, lengths, budgets)
 
 
 def test_split_selection_reuses_its_scratch():
