@@ -23,6 +23,7 @@ class CalibrateConfig:
     queries: bool = True
     device_map: str | None = None  # e.g. "auto": shard a large model over the visible GPUs (accelerate)
     encoding: str = "utf-8"  # of local text files
+    sa_df: tuple[float, ...] = (0.25,)  # budgets d / D whose selection-aware subspace is fitted (empty: none)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -31,6 +32,14 @@ class CalibrateConfig:
             raise UserError(f"--num-tokens {self.num_tokens} is smaller than --seq-len {self.seq_len}; raise --num-tokens")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        for f in self.sa_df:
+            if not 0 < f <= 1:
+                raise UserError(f"--sa-df {f:g} is not a fraction of the head dim in (0, 1]; use e.g. --sa-df 0.25")
+        if self.sa_df and not self.queries:
+            raise UserError("--sa-df needs query statistics; drop --no-queries or pass --sa-df none")
+        if self.sa_df and self.num_tokens < 2 * self.seq_len:
+            raise UserError(f"--sa-df needs at least two windows (a fit one and a held-out one); raise --num-tokens to "
+                            f"{2 * self.seq_len} or pass --sa-df none")
         from .data import check_encoding
 
         check_encoding(self.encoding)
@@ -38,4 +47,5 @@ class CalibrateConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["output"] = str(self.output)
+        d["sa_df"] = list(self.sa_df)
         return d
