@@ -115,7 +115,7 @@ def run(
     )
     all_reduce_(stats)
     sample = None
-    if config.sa_df and config.queries and world.is_main:
+    if config.sa_df and config.queries and world.is_main and windows.tokens.shape[0] >= 2:
         sample = selection_aware.collect_sample(loaded.model, loaded.facts, windows.tokens[: selection_aware.SAMPLE_WINDOWS])
     seconds = time.perf_counter() - start
     device = next(loaded.model.parameters()).device

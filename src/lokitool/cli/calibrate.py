@@ -82,6 +82,8 @@ def calibrate(
     for d, report in cal.info.get("selection_aware", {}).items():
         for line in summary(report):
             out.print(f"sa-post d={d}: {line}")
+    if config.sa_df and "selection_aware" not in cal.info:
+        out.print("no selection-aware fit (sa-post): it needs query statistics and at least two windows")
     procs = f" on {world.size} processes" if world.distributed else ""
     out.print(
         f"{cal.info['num_tokens']:,} tokens{procs} in {result.seconds:.1f} s "
