@@ -161,3 +161,34 @@ def test_calibration_stores_the_fit_and_eval_reads_it(tmp_path):
     plain = build_calibration(stats, facts, {"dataset": "toy"})
     with pytest.raises(UserError, match="selection-aware"):
         check_basis("sa-post", plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample: what the model's attention really computes
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_sample_rows_carry_the_models_own_attention(heads, kv_heads):
+    """Each sampled row's exact attention (rebuilt from the sampled query and keys) equals the
+    attention weights the model's eager attention returns for that query head and position."""
+    from conftest import random_tokens, tiny_llama
+
+    loaded = tiny_llama(num_heads=heads, num_kv_heads=kv_heads, head_dim=8)
+    tokens = random_tokens(2, 24, seed=3)
+    sample = sa.collect_sample(loaded.model, loaded.facts, tokens, rows=5, seed=1)
+    group = heads // kv_heads
+    assert sample.queries.shape == (2, kv_heads, 2, group * 5, 8) and sample.positions.shape == (2, group * 5)
+    model = loaded.model
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            weights = [model(input_ids=tokens[w : w + 1], output_attentions=True).attentions for w in range(2)]
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer in range(2):
+        for h in range(kv_heads):
+            rows = sa._rows(sample.head(layer, h), (0.25,))
+            for w in range(2):
+                for j in range(group * 5):
+                    head, pos = h * group + j // 5, int(sample.positions[w, j])
+                    torch.testing.assert_close(rows.attention[w, j], weights[w][layer][0, head, pos], atol=1e-5, rtol=1e-4)
