@@ -7,13 +7,18 @@ set -eu
 DIR=${1:-runs/sa}
 GEMMA=${2:?path of gemma-3-270m-q4_k_m.gguf}
 LT="${LOKITOOL:-.venv/bin/lokitool}"
-EVAL="$LT eval --ppl --dataset sotu:heldout --num-tokens 2048 --seq-len 1024 --budget per-row --sink 0 --device cpu"
+EVAL="$LT eval --ppl --dataset sotu:heldout --seq-len 1024 --budget per-row --sink 0 --device cpu"
 mkdir -p "$DIR"
 for m in smol gemma; do
   model=default; extra=""
   if [ $m = gemma ]; then model=$GEMMA; extra="--batch-size 2"; fi
   $LT calibrate --model "$model" --dataset sotu:calibration --num-tokens 32768 --seq-len 1024 $extra --output "$DIR/$m.safetensors"
-  $EVAL --model "$model" --methods full,exact-topk --kf 0.125,0.25 --output-path "$DIR/$m-exact"
-  $EVAL --model "$model" --calibration "$DIR/$m.safetensors" --methods loki --basis post,qa-post,sa-post --kf 0.125,0.25 --df 0.25 \
+  $EVAL --num-tokens 2048 --model "$model" --methods full,exact-topk --kf 0.125,0.25 --output-path "$DIR/$m-exact"
+  $EVAL --num-tokens 2048 --model "$model" --calibration "$DIR/$m.safetensors" --methods loki --basis post,qa-post,sa-post --kf 0.125,0.25 --df 0.25 \
     --output-path "$DIR/$m-loki"
 done
+# the longer check: 6 windows, one budget per model
+$EVAL --num-tokens 6144 --model default --calibration "$DIR/smol.safetensors" --methods exact-topk,loki --basis post,qa-post,sa-post \
+  --kf 0.25 --df 0.25 --output-path "$DIR/smol-6k"
+$EVAL --num-tokens 6144 --model "$GEMMA" --calibration "$DIR/gemma.safetensors" --methods exact-topk,loki --basis post,qa-post,sa-post \
+  --kf 0.125 --df 0.25 --output-path "$DIR/gemma-6k"
