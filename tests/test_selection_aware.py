@@ -106,7 +106,7 @@ def test_fit_is_never_worse_than_its_starts_on_held_out_windows():
         held = sample.split()[1]
         assert fit.heldout[fit.choice] == max(fit.heldout.values())
         assert float(sa.captured_mass(fit.basis, held)) == pytest.approx(fit.heldout[fit.choice], abs=1e-9)
-        for name, u in starts.items():
+        for u in starts.values():
             assert fit.heldout[fit.choice] >= float(sa.captured_mass(u, held)) - 1e-12
 
 
@@ -123,7 +123,7 @@ def toy_facts() -> ModelFacts:
 
 def toy_sample(facts: ModelFacts) -> sa.SelectionSample:
     heads = [[planted_sample(t=64, rows=16, seed=3 * layer + h) for h in range(2)] for layer in range(2)]
-    stack = lambda name: torch.stack([torch.stack([getattr(s, name) for s in row]) for row in heads])  # noqa: E731
+    stack = lambda name: torch.stack([torch.stack([getattr(s, name) for s in row]) for row in heads])
     return sa.SelectionSample(keys=stack("keys"), queries=stack("queries"), positions=heads[0][0].positions,
                               scaling=(1.0, 1.0), windows=(None, None))
 

@@ -21,8 +21,9 @@ def test_markdown_shows_the_selection_aware_check_next_to_score_variance():
     variance of PCA and query-aware at the same d, and nothing when no file has a fit."""
     from dataclasses import replace
 
-    from lokitool.report import markdown, numbers
     from report_toys import with_queries
+
+    from lokitool.report import markdown, numbers
 
     cal, _ = with_queries(torch.tensor([1.0, 2, 4, 8, 1, 1, 1, 1], dtype=torch.float64))
     record = {"choice": [["qa", "sa"], ["pca", "pca"]], "kf": [0.125, 0.25],

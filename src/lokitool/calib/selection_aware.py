@@ -52,10 +52,10 @@ class HeadSample:
     scaling: float  # the model's logit scale for this layer
     window: int | None = None  # sliding window (keys seen per query, itself included), None = causal
 
-    def split(self) -> tuple["HeadSample", "HeadSample"]:
+    def split(self) -> tuple[HeadSample, HeadSample]:
         """(fit, held-out): the first half of the windows and the rest."""
         half = max(1, self.keys.shape[0] // 2)
-        part = lambda s: HeadSample(self.keys[s], self.queries[s], self.positions[s], self.scaling, self.window)  # noqa: E731
+        part = lambda s: HeadSample(self.keys[s], self.queries[s], self.positions[s], self.scaling, self.window)
         return part(slice(0, half)), part(slice(half, None))
 
 
@@ -137,7 +137,7 @@ def surrogate_mass(u: torch.Tensor, rows: _Rows, temperature: float = TEMPERATUR
         kth = ranked.gather(-1, (k - 1)[..., None])
         nxt = ranked.gather(-1, torch.minimum(k, n - 1)[..., None])
         tau = (kth + nxt) / 2  # [W, R, 1]
-        gate = torch.sigmoid(((raw - tau.masked_fill(full[..., None], 0.0)) / (temperature * rows.spread)))
+        gate = torch.sigmoid((raw - tau.masked_fill(full[..., None], 0.0)) / (temperature * rows.spread))
         soft = (rows.attention * gate).sum(-1)
         total = total + torch.where(full, torch.ones_like(soft), soft).mean()
     return total / len(rows.budgets)
