@@ -11,9 +11,14 @@ One safetensors file. For every layer i and kind in (pre, post) RoPE:
                                                   (calib/query_aware.py), fitted from the stored C
                                                   and S for d = dims_for(f, D), f in QA_FRACTIONS;
                                                   absent without query_moment and in version-1 files
+    layers.{i}.post.sa_basis.d{d}  [H_kv, d, D]   the selection-aware subspace for budget d
+                                                  (calib/selection_aware.py), where calibrate fitted one
+                                                  (--sa-df); per head PCA, query-aware or fitted, as the
+                                                  held-out check chose (header: `selection_aware`)
 Header metadata: `format`, `format_version`, and `lokitool`, a JSON object with the model's
 facts, the dataset, token counts, window length, BOS choice, dtype, device, date and versions.
 Version 2 added qa_basis; version-1 files load, and their query-aware bases are fitted when asked for.
+sa_basis is optional within version 2 (older readers ignore tensors they do not know).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ FORMAT_VERSION = 2  # 2: query-aware subspaces stored (qa_basis); 1 loads too
 KINDS = ("pre", "post")
 QA_FRACTIONS = (0.125, 0.25, 0.5)  # budgets d / D whose query-aware subspaces `calibrate` stores
 _QA_NAME = re.compile(r"layers\.0\.(pre|post)\.qa_basis\.d(\d+)")
+_SA_NAME = re.compile(r"layers\.0\.(post)\.sa_basis\.d(\d+)")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class Calibration:
     pca: dict[str, PCA]  # "pre" / "post"
     query_moment: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> [L, H_kv, D, D]
     query_aware: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # kind -> d -> [L, H_kv, d, D] rows
+    selection_aware: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # "post" -> d -> [L, H_kv, d, D] rows
     # Full query-aware bases handed out in this process, by (kind, d): each is fitted or completed once.
     _qa_bases: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -73,6 +80,19 @@ class Calibration:
                 rows = self.fit_query_aware(kind, d)
             self._qa_bases[(kind, d)] = complete_basis(orthonormalize(rows.to(torch.float64).transpose(-1, -2)))
         return self._qa_bases[(kind, d)]
+
+    def selection_aware_basis(self, kind: str, d: int) -> torch.Tensor:
+        """The selection-aware basis for budget d, directions as columns: [L, H_kv, D, D] float64.
+        Only stored subspaces exist (the fit needs the calibration sample, which the file does not keep)."""
+        rows = self.selection_aware.get(kind, {}).get(d)
+        if rows is None:
+            stored = sorted(self.selection_aware.get(kind, {}))
+            have = f"it has d = {', '.join(map(str, stored))}" if stored else "it has none"
+            raise UserError(
+                f"this calibration file has no selection-aware basis (sa-{kind}) for d = {d} ({have}); "
+                f"recalibrate with --sa-df {d / self.facts.head_dim:g}"
+            )
+        return complete_basis(orthonormalize(rows.to(torch.float64).transpose(-1, -2)))
 
     def fit_query_aware(self, kind: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Fit the query-aware subspace from C and S as the file stores them (float32): [L, H_kv, d, D] rows."""
@@ -127,6 +147,8 @@ class Calibration:
                     out[f"{prefix}.query_moment"] = self.query_moment[kind][i].float().contiguous()
                 for d, rows in self.query_aware.get(kind, {}).items():
                     out[f"{prefix}.qa_basis.d{d}"] = rows[i].float().contiguous()
+                for d, rows in self.selection_aware.get(kind, {}).items():
+                    out[f"{prefix}.sa_basis.d{d}"] = rows[i].float().contiguous()
         return out
 
     def metadata(self) -> dict[str, str]:
@@ -171,11 +193,13 @@ class Calibration:
             facts, info = _read_header(meta)
             pca, query_moment = _stack(tensors, facts)
             query_aware = _stack_query_aware(tensors, facts)
+            selection_aware = _stack_query_aware(tensors, facts, _SA_NAME, "sa_basis")
         except _Invalid as err:
             raise UserError(f"{path} is not a valid calibration file: {err}; recreate it with `lokitool calibrate`") from None
         except _TooNew as err:
             raise UserError(f"{path} {err}") from None
-        return cls(facts=facts, info=info, pca=pca, query_moment=query_moment, query_aware=query_aware)
+        return cls(facts=facts, info=info, pca=pca, query_moment=query_moment, query_aware=query_aware,
+                   selection_aware=selection_aware)
 
 
 class _Invalid(Exception):
@@ -284,15 +308,17 @@ def _stack(tensors: dict[str, torch.Tensor], facts: ModelFacts) -> tuple[dict[st
     return pca, query_moment
 
 
-def _stack_query_aware(tensors: dict[str, torch.Tensor], facts: ModelFacts) -> dict[str, dict[int, torch.Tensor]]:
-    """kind -> d -> [L, H_kv, d, D] for every qa_basis.d{d} that layer 0 has (none in version-1 files)."""
+def _stack_query_aware(
+    tensors: dict[str, torch.Tensor], facts: ModelFacts, pattern: re.Pattern = _QA_NAME, stem: str = "qa_basis",
+) -> dict[str, dict[int, torch.Tensor]]:
+    """kind -> d -> [L, H_kv, d, D] for every {stem}.d{d} that layer 0 has (no qa_basis in version-1 files)."""
     out: dict[str, dict[int, torch.Tensor]] = {}
     for name in sorted(tensors):
-        match = _QA_NAME.fullmatch(name)
+        match = pattern.fullmatch(name)
         if match is None:
             continue
         kind, d = match.group(1), int(match.group(2))
-        rows = torch.stack([_tensor(tensors, f"layers.{i}.{kind}.qa_basis.d{d}", (facts.num_kv_heads, d, facts.head_dim))
+        rows = torch.stack([_tensor(tensors, f"layers.{i}.{kind}.{stem}.d{d}", (facts.num_kv_heads, d, facts.head_dim))
                             for i in range(facts.num_layers)])
         out.setdefault(kind, {})[d] = rows
     return out

@@ -23,6 +23,9 @@ class CalibrateConfig:
     queries: bool = True
     device_map: str | None = None  # e.g. "auto": shard a large model over the visible GPUs (accelerate)
     encoding: str = "utf-8"  # of local text files
+    # budgets d / D whose selection-aware subspace is fitted (empty: none); skipped without queries
+    # or with fewer than two windows (the fit needs one to fit on and one to check on)
+    sa_df: tuple[float, ...] = (0.25,)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -31,6 +34,9 @@ class CalibrateConfig:
             raise UserError(f"--num-tokens {self.num_tokens} is smaller than --seq-len {self.seq_len}; raise --num-tokens")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        for f in self.sa_df:
+            if not 0 < f <= 1:
+                raise UserError(f"--sa-df {f:g} is not a fraction of the head dim in (0, 1]; use e.g. --sa-df 0.25")
         from .data import check_encoding
 
         check_encoding(self.encoding)
@@ -38,4 +44,5 @@ class CalibrateConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["output"] = str(self.output)
+        d["sa_df"] = list(self.sa_df)
         return d

@@ -12,6 +12,7 @@ from ..fileio import check_output_file
 from ..results import versions
 from ..sparse.reference import dims_for  # the one owner of f -> d: the stored d are those Loki uses
 from . import pca
+from . import selection_aware
 from .calibration import QA_FRACTIONS, Calibration
 from .collect import collect_statistics
 from .config import CalibrateConfig
@@ -36,9 +37,14 @@ class CalibrationRun:
     seconds: float
 
 
-def build_calibration(stats: Statistics, facts: ModelFacts, info: dict, query_aware: bool = True) -> Calibration:
+def build_calibration(
+    stats: Statistics, facts: ModelFacts, info: dict, query_aware: bool = True,
+    sample: selection_aware.SelectionSample | None = None, sa_df: tuple[float, ...] = (),
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
     """PCA per kind, the query second moments, and (with queries, unless told not to) the query-aware
-    subspaces for the budgets d = dims_for(f, D), f in QA_FRACTIONS, fitted where the statistics live."""
+    subspaces for the budgets d = dims_for(f, D), f in QA_FRACTIONS, fitted where the statistics live;
+    with a sample, the selection-aware subspaces (post-RoPE) for d = dims_for(f, D), f in sa_df."""
     fitted = {kind: pca.fit(stats.keys[kind]) for kind in KINDS}
     moments = {}
     for kind, sums in stats.queries.items():
@@ -50,7 +56,24 @@ def build_calibration(stats: Statistics, facts: ModelFacts, info: dict, query_aw
     device = next(iter(stats.queries.values())).outer.device
     dims = sorted({dims_for(f, facts.head_dim) for f in QA_FRACTIONS})
     stored = {kind: {d: calibration.fit_query_aware(kind, d, device) for d in dims} for kind in moments}
-    return replace(calibration, query_aware=stored)
+    calibration = replace(calibration, query_aware=stored)
+    if sample is None or not sa_df or "post" not in moments:
+        return calibration
+    return fit_selection_aware(calibration, sample, sorted({dims_for(f, facts.head_dim) for f in sa_df}), progress)
+
+
+def fit_selection_aware(
+    calibration: Calibration, sample: selection_aware.SelectionSample, dims: list[int],
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
+    """Add the selection-aware subspaces for each d (from the PCA and query-aware starts) and their
+    per-head report (`info["selection_aware"]`, keyed by d) to a calibration."""
+    fitted, reports = {}, {}
+    for d in dims:
+        starts = {"pca": calibration.basis("post")[..., :d].float(), "qa": calibration.query_aware_basis("post", d)[..., :d].float()}
+        fitted[d], reports[str(d)] = selection_aware.fit_all(sample, starts, progress=progress)
+    info = {**calibration.info, "selection_aware": reports}
+    return replace(calibration, info=info, selection_aware={"post": fitted})
 
 
 def prepare(config: CalibrateConfig) -> CalibrationJob:
@@ -65,10 +88,14 @@ def prepare(config: CalibrateConfig) -> CalibrationJob:
     return CalibrationJob(config=config, loaded=loaded, windows=windows)
 
 
-def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None, world: World = World()) -> CalibrationRun:
+def run(
+    job: CalibrationJob, progress: Callable[[int, int], None] | None = None, world: World = World(),
+    fit_progress: Callable[[int, int], None] | None = None,
+) -> CalibrationRun:
     """Calibrate and write the output file (rank 0 only, after the sums of all ranks are reduced).
 
-    `progress(done_tokens, total_tokens)` is called per batch, with this rank's count scaled to the world."""
+    `progress(done_tokens, total_tokens)` is called per batch, with this rank's count scaled to the world;
+    `fit_progress(done_heads, total_heads)` per (layer, KV head) of each selection-aware fit."""
     import time
 
     config, loaded, windows = job.config, job.loaded, job.windows
@@ -87,6 +114,9 @@ def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None,
         with_queries=config.queries, progress=step,
     )
     all_reduce_(stats)
+    sample = None
+    if config.sa_df and config.queries and world.is_main and windows.tokens.shape[0] >= 2:
+        sample = selection_aware.collect_sample(loaded.model, loaded.facts, windows.tokens[: selection_aware.SAMPLE_WINDOWS])
     seconds = time.perf_counter() - start
     device = next(loaded.model.parameters()).device
     info = {
@@ -101,7 +131,8 @@ def run(job: CalibrationJob, progress: Callable[[int, int], None] | None = None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    calibration = build_calibration(stats, loaded.facts, info, query_aware=world.is_main)  # only rank 0 writes
+    calibration = build_calibration(stats, loaded.facts, info, query_aware=world.is_main,  # only rank 0 writes
+                                    sample=sample, sa_df=config.sa_df, progress=fit_progress)
     if world.is_main:
         calibration.save(config.output)
     barrier()  # no rank reports success before the file exists

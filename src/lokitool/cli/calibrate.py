@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..calib.config import CalibrateConfig
 from .app import app, console, out, progress_bar
-from .options import Device, Dtype
+from .options import Device, Dtype, float_list, listed
 
 
 @app.command()
@@ -27,6 +27,7 @@ def calibrate(
     queries: bool = typer.Option(CalibrateConfig.queries, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
     device_map: Optional[str] = typer.Option(CalibrateConfig.device_map, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
     encoding: str = typer.Option(CalibrateConfig.encoding, help="Encoding of local .txt/.jsonl text (e.g. latin-1)."),
+    sa_df: str = typer.Option(listed(CalibrateConfig.sa_df), help="Budgets d/D (comma-separated) to fit the selection-aware basis sa-post for, or `none`."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
     import contextlib
@@ -39,7 +40,7 @@ def calibrate(
     config = CalibrateConfig(
         model=model, dataset=dataset, num_tokens=num_tokens, seq_len=seq_len, output=output,
         batch_size=batch_size, device=device, dtype=dtype, bos=bos, queries=queries, device_map=device_map,
-        encoding=encoding,
+        encoding=encoding, sa_df=() if sa_df.strip().lower() == "none" else float_list(sa_df, "--sa-df"),
     )
     with process_group(device) as world:  # torchrun: one process per GPU; otherwise a no-op
         with console.status(f"loading {model} and {dataset} text") if world.is_main else contextlib.nullcontext():
@@ -55,7 +56,15 @@ def calibrate(
                 rate = done / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} tok/s")
 
-            result = calib.run(job, progress, world)
+            fit_task = None
+
+            def fit_progress(done: int, total: int) -> None:
+                nonlocal fit_task
+                if fit_task is None:
+                    fit_task = bar.add_task("selection-aware fit (heads)", total=total, rate="")
+                bar.update(fit_task, completed=done, total=total)
+
+            result = calib.run(job, progress, world, fit_progress)
 
     cal = result.calibration
     table = Table(title=f"rank at 90% explained variance (of {cal.facts.head_dim}), mean over KV heads")
@@ -68,6 +77,13 @@ def calibrate(
         table.add_row(str(i), f"{pre[i]:.1f}", f"{post[i]:.1f}")
     table.add_row("mean", f"{pre.mean():.1f}", f"{post.mean():.1f}", style="bold")
     out.print(table)
+    from ..calib.selection_aware import summary
+
+    for d, report in cal.info.get("selection_aware", {}).items():
+        for line in summary(report):
+            out.print(f"sa-post d={d}: {line}")
+    if config.sa_df and "selection_aware" not in cal.info:
+        out.print("no selection-aware fit (sa-post): it needs query statistics and at least two windows")
     procs = f" on {world.size} processes" if world.distributed else ""
     out.print(
         f"{cal.info['num_tokens']:,} tokens{procs} in {result.seconds:.1f} s "

@@ -64,7 +64,7 @@ def eval_command(
     page: int = typer.Option(EvalConfig.page, help="Quest's page size in tokens."),
     df: str = typer.Option(listed(EvalConfig.df), help="Dimension budget fraction(s) for loki / random-basis."),
     variance: str = typer.Option(listed(EvalConfig.variance), help="Instead of --df: per-layer d from explained-variance threshold(s)."),
-    basis: str = typer.Option(listed(EvalConfig.basis), help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware)."),
+    basis: str = typer.Option(listed(EvalConfig.basis), help="Basis for loki, comma-separated for several: pre, post (PCA of keys), qa-pre, qa-post (query-aware), sa-post (selection-aware; calibrate --sa-df)."),
     budget: str = typer.Option(listed(EvalConfig.budget), help="per-row (k_t = kf x (t+1), decode-time Loki) and/or window (the paper's kf x L)."),
     sink: str = typer.Option(listed(EvalConfig.sink), help="Always keep the first N tokens, inside the budget; comma-separated for a sweep."),
     group: str = typer.Option(EvalConfig.group, help="Selection per query head (head), or shared per KV head: scores summed (kv) or lists in turns (union)."),

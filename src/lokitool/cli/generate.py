@@ -22,7 +22,7 @@ def generate_command(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate at most (stops at EOS)."),
     kf: float = typer.Option(0.25, help="Token budget fraction: each decode step attends to max(1, floor(kf x context)) tokens."),
     df: float = typer.Option(0.25, help="Dimension budget fraction: keys are scored with round(df x head_dim) PCA dims."),
-    basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, or random."),
+    basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, sa-post, or random."),
     group: str = typer.Option("head", help="Select tokens per query head (head) or per KV head (kv)."),
     full: bool = typer.Option(False, "--full", help="Full attention with transformers' default cache (the reference)."),
     loki_prefill: bool = typer.Option(False, "--loki-prefill", help="Also use Loki over the prompt (default: exact prefill)."),

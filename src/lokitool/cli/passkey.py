@@ -21,7 +21,7 @@ def passkey_command(
     depths: str = typer.Option("0.1,0.5,0.9", help="Where the key sits, as fractions of the filler, comma-separated."),
     kf: float = typer.Option(0.25, help="Token budget fraction for Loki."),
     df: float = typer.Option(0.25, help="Dimension budget fraction for Loki."),
-    basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, or random."),
+    basis: str = typer.Option("post", help="pre, post, qa-pre, qa-post, sa-post, or random."),
     seed: int = typer.Option(0, help="Seed of the random keys."),
     output_path: Optional[Path] = typer.Option(None, help="Directory for passkey.json and passkey.md."),
     device: Device = "auto",

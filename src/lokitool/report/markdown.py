@@ -146,6 +146,40 @@ def _md_score_variance(report: RankReport, names: Sequence[str], figures: Figure
     return parts
 
 
+SA_CANDIDATES = ("pca", "qa", "sa")  # calib/selection_aware.CANDIDATES, as the calibration header names them
+
+
+def _md_selection_aware(report: RankReport, names: Sequence[str]) -> list[str]:
+    """Per layer, for each calibration with a selection-aware fit: the per-head choice and the held-out
+    attention mass on the top-k of each candidate (means over KV heads), next to the score variance
+    that PCA and the query-aware basis capture at that d where the report computed it. [] if none."""
+    parts = []
+    for name, entry in zip(names, report.entries):
+        fits = entry.calibration.info.get("selection_aware") or {}
+        for d_key, record in sorted(fits.items(), key=lambda kv: int(kv[0])):
+            d = int(d_key)
+            sv = next((v for v in entry.score_variance or () if v.kind == "post" and v.d == d), None)
+            mass = record["heldout_mass"]
+            rows = []
+            for i, choice in enumerate(record["choice"]):
+                cells = [f"{sum(mass[c][i]) / len(choice):.4f}" for c in SA_CANDIDATES]
+                if sv is not None:
+                    cells += [f"{float(sv.captured[b][i].mean()):.3f}" for b in ("pca", "query_aware")]
+                rows.append([str(i), " / ".join(choice), *cells])
+            header = ["layer", "chosen per head", "mass: PCA", "mass: query-aware", "mass: fit"]
+            if sv is not None:
+                header += ["score variance: PCA", "score variance: query-aware"]
+            kfs = ", ".join(f"{k:g}" for k in record.get("kf", ()))
+            parts += [
+                f"### {name}: selection-aware basis (sa-post), d = {d}",
+                f"Exact attention mass that falls on the top-k of the truncated scores (per-row budgets, mean "
+                f"over kf {kfs}) on the calibration sample's held-out windows, means over KV heads; "
+                "`sa-post` keeps, per head, the candidate with the most (calib/selection_aware.py).",
+                _md_table(header, rows, text_columns=2),
+            ]
+    return (["## Selection-aware fits"] + parts) if parts else []
+
+
 def report_markdown(report: RankReport, figures: FigureFiles) -> str:
     facts = report.facts
     names = file_labels(report)
@@ -167,6 +201,7 @@ def report_markdown(report: RankReport, figures: FigureFiles) -> str:
         _md_summary(report, names),
         f"![rank per layer]({figures.rank_per_layer})",
         *_md_score_variance(report, names, figures),
+        *_md_selection_aware(report, names),
     ]
     for name, entry, files in zip(names, report.entries, figures.per_entry):
         parts += [

@@ -125,7 +125,7 @@ def layer_dims(spec: MethodSpec, calibration: Calibration | None, facts: ModelFa
         raise UserError("sparq needs --df")
     if calibration is None:
         raise UserError("--variance needs --calibration FILE (ranks come from its eigenvalues)")
-    kind = spec.basis.removeprefix("qa-") if spec.basis in ("pre", "post", "qa-pre", "qa-post") else "post"
+    kind = spec.basis.removeprefix("qa-") if spec.basis in ("pre", "post", "qa-pre", "qa-post") else "post"  # sa-post too
     ranks = rank_at_variance(calibration.pca[kind].eigenvalues, spec.loki.variance)  # [L, Hkv]
     return [int(r) for r in ranks.max(dim=-1).values]
 

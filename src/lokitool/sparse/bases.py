@@ -13,6 +13,9 @@ the span of U (D x d, orthonormal, projector Pi = U U^T) leaves the score error
   C and S commute); never worse than PCA. `calibrate` stores it for the usual budgets d; other d
   are fitted once per process. Same cache, same cost as Loki: keys are stored rotated and the
   first d dimensions are read.
+- `selection-aware` (`sa-post`): fitted at calibrate time to maximise the exact attention mass on the
+  top-k of the truncated scores (calib/selection_aware.py), per head the best of PCA, query-aware and
+  the fit on held-out sample windows. Only stored budgets d exist (calibrate --sa-df).
 - `random`: a Haar-random orthonormal basis: what any basis must beat.
 
 `score_variance_captured` reports 1 - E(U)/tr(CS): the share of the per-query score variance over
@@ -60,6 +63,11 @@ def check_basis(name: str, calibration: Calibration | None) -> None:
             f"basis {name} needs query statistics, and this calibration file has none; recalibrate "
             "without --no-queries (queries are collected by default), or use --basis pre or post"
         )
+    if name.startswith("sa-") and name.removeprefix("sa-") not in calibration.selection_aware:
+        raise UserError(
+            f"basis {name} needs a selection-aware fit, and this calibration file has none; recalibrate "
+            "with --sa-df (e.g. --sa-df 0.25) and query statistics, or use --basis post or qa-post"
+        )
 
 
 def query_aware_basis(calibration: Calibration, kind: str, d: int) -> torch.Tensor:
@@ -69,7 +77,7 @@ def query_aware_basis(calibration: Calibration, kind: str, d: int) -> torch.Tens
 
 
 def basis_for(name: str, calibration: Calibration | None, d: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Resolve a `--basis` value (pre, post, qa-pre, qa-post, random) to bases [L, Hkv, D, D]."""
+    """Resolve a `--basis` value (pre, post, qa-pre, qa-post, sa-post, random) to bases [L, Hkv, D, D]."""
     if name == "random":
         return random_basis(*shape)
     if calibration is None:
@@ -78,4 +86,7 @@ def basis_for(name: str, calibration: Calibration | None, d: int, shape: tuple[i
         return pca_basis(calibration, name)
     if name in ("qa-pre", "qa-post"):
         return query_aware_basis(calibration, name.removeprefix("qa-"), d)
+    if name == "sa-post":
+        check_basis(name, calibration)
+        return calibration.selection_aware_basis("post", d)
     raise UserError(f"unknown basis {name!r}; choose from {', '.join(BASES)}")

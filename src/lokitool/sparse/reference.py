@@ -43,8 +43,8 @@ Group = Literal["head", "kv", "union"]
 BUDGETS = ("per-row", "window")
 GROUPS = ("head", "kv", "union")
 # Bases a Loki run can rotate into: PCA of the keys before / after RoPE, the query-aware fits of
-# each (sparse/bases.py), and a Haar-random basis (what any basis must beat).
-BASES = ("pre", "post", "qa-pre", "qa-post", "random")
+# each (sparse/bases.py), the selection-aware fit after RoPE, and a Haar-random basis (what any basis must beat).
+BASES = ("pre", "post", "qa-pre", "qa-post", "sa-post", "random")
 
 NEG_INF = float("-inf")
 

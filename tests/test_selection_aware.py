@@ -1,0 +1,194 @@
+"""The selection-aware fit (calib/selection_aware.py): its objective against a brute-force count,
+a planted direction that PCA misses and the fit finds, the never-worse choice on held-out windows,
+and the basis stored by calibrate and read back as `sa-post`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lokitool.calib import selection_aware as sa
+from lokitool.calib.models import ModelFacts
+from lokitool.calib.run import build_calibration
+from lokitool.errors import UserError
+from lokitool.sparse.bases import basis_for, check_basis
+
+
+def random_sample(windows: int = 2, t: int = 24, rows: int = 7, dim: int = 6, seed: int = 0, window: int | None = None) -> sa.HeadSample:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(2.0, 0.3, dim)
+    return sa.HeadSample(
+        keys=torch.randn(windows, t, dim, generator=g) * scale,
+        queries=torch.randn(windows, rows, dim, generator=g),
+        positions=torch.stack([torch.randperm(t - 1, generator=g)[:rows] + 1 for _ in range(windows)]),
+        scaling=0.7,
+        window=window,
+    )
+
+
+def brute_force_mass(u: torch.Tensor, sample: sa.HeadSample, kfs: tuple[float, ...]) -> float:
+    """One row at a time in float64, with Python's sort: the kept keys' share of exact attention."""
+    total, count = 0.0, 0
+    for kf in kfs:
+        for w in range(sample.keys.shape[0]):
+            for r in range(sample.queries.shape[1]):
+                p = int(sample.positions[w, r])
+                lo = 0 if sample.window is None else max(0, p - sample.window + 1)
+                q, keys = sample.queries[w, r].double(), sample.keys[w, lo : p + 1].double()
+                weights = [math.exp(sample.scaling * float(q @ k)) for k in keys]
+                truncated = [float((q @ u.double()) @ (u.double().T @ k)) for k in keys]
+                budget = max(1, math.floor(kf * len(keys)))
+                kept = sorted(range(len(keys)), key=lambda j: (-truncated[j], j))[:budget]
+                total += sum(weights[j] for j in kept) / sum(weights)
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_captured_mass_matches_a_brute_force_count(window):
+    sample = random_sample(window=window)
+    u = sa.orthonormalize(torch.randn(6, 2, generator=torch.Generator().manual_seed(1)))
+    for kfs in [(0.25,), (0.125, 0.5)]:
+        got = float(sa.captured_mass(u, sample, kfs))
+        assert got == pytest.approx(brute_force_mass(u, sample, kfs), abs=1e-6)
+    full = torch.eye(6)  # d = D: the truncated scores are the exact ones, the kept keys the heaviest
+    assert float(sa.captured_mass(full, sample, (0.25,))) > float(sa.captured_mass(u, sample, (0.25,)))
+
+
+def test_surrogate_tends_to_the_captured_mass_as_it_sharpens():
+    sample = random_sample()
+    rows = sa._rows(sample, (0.25, 0.5))
+    u = sa.orthonormalize(torch.randn(6, 3, generator=torch.Generator().manual_seed(2)))
+    hard = float(sa._hard_mass(u, rows))
+    assert float(sa.surrogate_mass(u, rows, temperature=1e-6)) == pytest.approx(hard, abs=1e-4)
+    assert float(sa.surrogate_mass(u, rows, temperature=1.0)) != pytest.approx(hard, abs=1e-3)
+
+
+def planted_sample(windows: int = 4, t: int = 128, rows: int = 48, seed: int = 0) -> sa.HeadSample:
+    """D = 8. Dims 1..7 carry unit-variance noise in keys and queries; dim 0 is nearly always 0
+    but a few keys (3%) have k_0 = 6, and every query has q_0 = 2. Those rare keys take most of the
+    attention, yet dim 0 has the least key variance (0.03 x 36 ~ 1.0 against 1.7 for the noise)
+    and, weighted by the queries (S_00 = 4 against 1.5), no more score variance than a noise dim."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(windows, t, 8, generator=g) * 1.3
+    keys[..., 0] = 6.0 * (torch.rand(windows, t, generator=g) < 0.03)
+    queries = torch.randn(windows, rows, 8, generator=g) * 1.2
+    queries[..., 0] = 2.0
+    positions = torch.stack([torch.randperm(t - 16, generator=g)[:rows] + 16 for _ in range(windows)])
+    return sa.HeadSample(keys=keys, queries=queries, positions=positions, scaling=1.0)
+
+
+def test_planted_direction_pca_misses_and_the_fit_finds():
+    sample = planted_sample()
+    keys = sample.keys.reshape(-1, 8)
+    cov = torch.cov(keys.T)
+    pca = torch.linalg.eigh(cov)[1].flip(-1)[:, :1]  # the top principal direction: noise
+    assert float(pca[0].abs()) < 0.3
+    exact = float(sa.captured_mass(torch.eye(8), sample))
+    missed = float(sa.captured_mass(pca, sample))
+    fit = sa.fit_head(sample, {"pca": pca}, steps=150, learning_rate=0.02)  # one direction to find: larger steps
+    planted = float(sa.captured_mass(torch.eye(8)[:, :1], sample.split()[1]))
+    assert fit.choice == "sa"
+    # The fit turns to the planted direction (PCA: under 0.3) and keeps about as much mass as it.
+    assert float(fit.basis[0, 0].abs()) > 0.9
+    assert fit.heldout["sa"] > missed + 0.5
+    assert fit.heldout["sa"] >= planted - 0.03 and fit.heldout["sa"] > 0.85 * exact
+
+
+def test_fit_is_never_worse_than_its_starts_on_held_out_windows():
+    for seed in range(3):
+        sample = random_sample(windows=4, t=40, rows=12, dim=8, seed=seed)
+        g = torch.Generator().manual_seed(10 + seed)
+        starts = {"pca": sa.orthonormalize(torch.randn(8, 2, generator=g)), "qa": sa.orthonormalize(torch.randn(8, 2, generator=g))}
+        fit = sa.fit_head(sample, starts, steps=30)
+        held = sample.split()[1]
+        assert fit.heldout[fit.choice] == max(fit.heldout.values())
+        assert float(sa.captured_mass(fit.basis, held)) == pytest.approx(fit.heldout[fit.choice], abs=1e-9)
+        for u in starts.values():
+            assert fit.heldout[fit.choice] >= float(sa.captured_mass(u, held)) - 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored by calibrate, read as sa-post
+
+
+def toy_facts() -> ModelFacts:
+    return ModelFacts(
+        model_id="toy/sa", revision=None, architecture="llama", num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=8, rope=True, max_positions=256, bos_token_id=1,
+    )
+
+
+def toy_sample(facts: ModelFacts) -> sa.SelectionSample:
+    heads = [[planted_sample(t=64, rows=16, seed=3 * layer + h) for h in range(2)] for layer in range(2)]
+    stack = lambda name: torch.stack([torch.stack([getattr(s, name) for s in row]) for row in heads])
+    return sa.SelectionSample(keys=stack("keys"), queries=stack("queries"), positions=heads[0][0].positions,
+                              scaling=(1.0, 1.0), windows=(None, None))
+
+
+def test_calibration_stores_the_fit_and_eval_reads_it(tmp_path):
+    from lokitool.calib.calibration import Calibration
+    from lokitool.calib.moments import Statistics
+
+    facts = toy_facts()
+    sample = toy_sample(facts)
+    stats = Statistics.zeros(facts, "cpu", True)
+    for layer in range(2):
+        for kind in ("pre", "post"):
+            stats.keys[kind].add(layer, sample.keys[layer].transpose(0, 1)[:, :, :].reshape(1, 2, -1, 8))
+            stats.queries[kind].add(layer, sample.queries[layer].reshape(1, 2, -1, 8))
+    cal = build_calibration(stats, facts, {"dataset": "toy"}, sample=sample, sa_df=(0.25,))
+    path = cal.save(tmp_path / "sa.safetensors")
+    back = Calibration.load(path)
+    assert sorted(back.selection_aware["post"]) == [2]
+    report = back.info["selection_aware"]["2"]
+    assert [len(layer) for layer in report["choice"]] == [2, 2]
+    torch.testing.assert_close(back.selection_aware["post"][2], cal.selection_aware["post"][2])
+    basis = basis_for("sa-post", back, 2, (2, 2, 8))  # [L, Hkv, D, D]
+    torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(8, dtype=torch.float64).expand(2, 2, 8, 8), atol=1e-6, rtol=0)
+    rows = back.selection_aware["post"][2].double()
+    torch.testing.assert_close(basis[..., :2] @ basis[..., :2].transpose(-1, -2), rows.transpose(-1, -2) @ rows, atol=1e-5, rtol=0)
+    for layer in range(2):
+        for h in range(2):
+            chosen = report["choice"][layer][h]
+            u = basis[layer, h, :, :2].float()
+            held = sample.head(layer, h).split()[1]
+            assert float(sa.captured_mass(u, held)) == pytest.approx(report["heldout_mass"][chosen][layer][h], abs=1e-4)
+    with pytest.raises(UserError, match="--sa-df 0.5"):
+        basis_for("sa-post", back, 4, (2, 2, 8))
+    plain = build_calibration(stats, facts, {"dataset": "toy"})
+    with pytest.raises(UserError, match="selection-aware"):
+        check_basis("sa-post", plain)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sample: what the model's attention really computes
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_sample_rows_carry_the_models_own_attention(heads, kv_heads):
+    """Each sampled row's exact attention (rebuilt from the sampled query and keys) equals the
+    attention weights the model's eager attention returns for that query head and position."""
+    from conftest import random_tokens, tiny_llama
+
+    loaded = tiny_llama(num_heads=heads, num_kv_heads=kv_heads, head_dim=8)
+    tokens = random_tokens(2, 24, seed=3)
+    sample = sa.collect_sample(loaded.model, loaded.facts, tokens, rows=5, seed=1)
+    group = heads // kv_heads
+    assert sample.queries.shape == (2, kv_heads, 2, group * 5, 8) and sample.positions.shape == (2, group * 5)
+    model = loaded.model
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            weights = [model(input_ids=tokens[w : w + 1], output_attentions=True).attentions for w in range(2)]
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer in range(2):
+        for h in range(kv_heads):
+            rows = sa._rows(sample.head(layer, h), (0.25,))
+            for w in range(2):
+                for j in range(group * 5):
+                    head, pos = h * group + j // 5, int(sample.positions[w, j])
+                    torch.testing.assert_close(rows.attention[w, j], weights[w][layer][0, head, pos], atol=1e-5, rtol=1e-4)
