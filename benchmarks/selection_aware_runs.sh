@@ -12,7 +12,7 @@ mkdir -p "$DIR"
 for m in smol gemma; do
   model=default; extra=""
   if [ $m = gemma ]; then model=$GEMMA; extra="--batch-size 2"; fi
-  $LT calibrate --model "$model" --dataset sotu:calibration --num-tokens 32768 --seq-len 1024 $extra --output "$DIR/$m.safetensors"
+  $LT calibrate --model "$model" --dataset sotu:calibration --num-tokens 32768 --seq-len 1024 --sa-df 0.25 $extra --output "$DIR/$m.safetensors"
   $EVAL --num-tokens 2048 --model "$model" --methods full,exact-topk --kf 0.125,0.25 --output-path "$DIR/$m-exact"
   $EVAL --num-tokens 2048 --model "$model" --calibration "$DIR/$m.safetensors" --methods loki --basis post,qa-post,sa-post --kf 0.125,0.25 --df 0.25 \
     --output-path "$DIR/$m-loki"

@@ -23,9 +23,11 @@ class CalibrateConfig:
     queries: bool = True
     device_map: str | None = None  # e.g. "auto": shard a large model over the visible GPUs (accelerate)
     encoding: str = "utf-8"  # of local text files
-    # budgets d / D whose selection-aware subspace is fitted (empty: none); skipped without queries
-    # or with fewer than two windows (the fit needs one to fit on and one to check on)
-    sa_df: tuple[float, ...] = (0.25,)
+    # budgets d / D whose selection-aware subspace is fitted (empty, the default: none; opt in with
+    # --sa-df 0.25: it costs calibration time and has not beaten qa-post on every model, see
+    # reports/eval/selection-aware); skipped without queries or with fewer than two windows (the
+    # fit needs one to fit on and one to check on)
+    sa_df: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -27,7 +27,7 @@ def calibrate(
     queries: bool = typer.Option(CalibrateConfig.queries, "--queries/--no-queries", help="Also stream query second moments (for query-aware bases)."),
     device_map: Optional[str] = typer.Option(CalibrateConfig.device_map, help="`auto` or `balanced`: spread a model too large for one GPU over the visible GPUs (accelerate)."),
     encoding: str = typer.Option(CalibrateConfig.encoding, help="Encoding of local .txt/.jsonl text (e.g. latin-1)."),
-    sa_df: str = typer.Option(listed(CalibrateConfig.sa_df), help="Budgets d/D (comma-separated) to fit the selection-aware basis sa-post for, or `none`."),
+    sa_df: str = typer.Option(listed(CalibrateConfig.sa_df) or "none", help="Budgets d/D (comma-separated, e.g. 0.25) to fit the selection-aware basis sa-post for; `none` (default) fits none."),
 ) -> None:
     """Collect keys through forward hooks and fit PCA per layer and KV head, before and after RoPE."""
     import contextlib
