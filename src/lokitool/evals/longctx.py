@@ -84,9 +84,7 @@ def haystack_text(path: Path | None, min_chars: int) -> str:
             return Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise UserError(f"cannot read the haystack {path}: {err.strerror}") from None
-    from .passkey import filler_text
-
-    return filler_text(min_chars)
+    return T.heldout_text(min_chars)
 
 
 def step_bytes(spec: MethodSpec, facts) -> float:
