@@ -26,7 +26,7 @@ from ..calib.models import LoadedModel
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..sparse import generation as gen
-from ..sparse.attention import LOW_RANK, MethodSpec, layer_bases
+from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec, layer_bases
 from ..sparse.cache import LokiCache
 from ..sparse.decode import DecodeScorer, method_attention
 from . import tasks as T
@@ -70,7 +70,7 @@ def label(spec: MethodSpec) -> str:
         parts.append(f"P={spec.page}")
     if s is not None:
         parts.append(f"kf={s.kf:g}")
-        if spec.method in LOW_RANK:
+        if spec.method in DIM_SCANNERS:
             parts.append(f"df={s.df:g}")
         if s.sink:
             parts.append(f"sink={s.sink}")
