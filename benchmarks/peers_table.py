@@ -1,6 +1,6 @@
 """Markdown tables and plot of the selector comparison at equal bytes per decode step (issue 15):
-python benchmarks/peers_table.py [--plot PNG] [--tasks TASKS_JSON] FILE [FILE ...]
-(FILE: results JSON of `eval --ppl --bytes`; TASKS_JSON: results of `eval --tasks --bytes`).
+python benchmarks/peers_table.py [--plot PNG] [--tasks TASKS_JSON ...] FILE [FILE ...]
+(FILE: results JSON of `eval --ppl --bytes`; TASKS_JSON: results of `eval --tasks --bytes`, repeatable).
 
 Perplexity table: one row per result, sorted by bytes then perplexity; the full-attention perplexity
 of the same windows is the reference. Task table: one row per (method, bytes), the mean score over
@@ -118,15 +118,15 @@ def task_table(rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    png = tasks_file = None
+    png, tasks_files = None, []
     while args[:1] in (["--plot"], ["--tasks"]):
         if args[0] == "--plot":
             png = args[1]
         else:
-            tasks_file = args[1]
+            tasks_files.append(args[1])
         args = args[2:]
     rows = load(args)
-    task_rows = load([tasks_file]) if tasks_file else []
+    task_rows = load(tasks_files)
     ppl_table(rows)
     if task_rows:
         print()
