@@ -37,14 +37,16 @@ def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, nu
     return LoadedModel(model=model, tokenizer=None, facts=facts)
 
 
-def tiny_calibrated(num_heads: int = 6, num_kv_heads: int = 2, head_dim: int = 16, num_layers: int = 2):
-    """A tiny GQA decoder and a calibration made on its own keys (48-token windows of random tokens)."""
+def tiny_calibrated(num_heads: int = 6, num_kv_heads: int = 2, head_dim: int = 16, num_layers: int = 2,
+                    with_queries: bool = False):
+    """A tiny GQA decoder and a calibration made on its own keys (and queries: `with_queries`),
+    48-token windows of random tokens."""
     from lokitool.calib.collect import collect_statistics
     from lokitool.calib.run import build_calibration
 
     loaded = tiny_llama(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_layers=num_layers)
     tokens = random_tokens(4, 48, seed=1)
-    stats = collect_statistics(loaded.model, loaded.facts, tokens, batch_size=2, with_queries=False)
+    stats = collect_statistics(loaded.model, loaded.facts, tokens, batch_size=2, with_queries=with_queries)
     return loaded, build_calibration(stats, loaded.facts, {"dataset": "random", "num_tokens": tokens.numel()})
 
 

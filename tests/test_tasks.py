@@ -47,7 +47,7 @@ def sample(task: str, length: int = 700, depth: float | None = 0.5, seed: int = 
 
 @pytest.fixture(scope="module")
 def tiny():
-    loaded, cal = tiny_calibrated()
+    loaded, cal = tiny_calibrated(with_queries=True)  # query statistics: qa bases, Double Sparsity
     facts = dataclasses.replace(loaded.facts, max_positions=None)  # RoPE runs past the config's 256
     return type(loaded)(model=loaded.model, tokenizer=CharTokenizer(), facts=facts), cal
 
@@ -217,3 +217,111 @@ def test_a_recent_window_misses_an_early_needle_that_full_attention_finds(embedd
     answers = longctx.answer_sample(loaded, context, question, s.max_new_tokens, specs, None, scorers={1: D.recent_scorer()})
     assert T.score(s.expected, answers[0][0]) == 1.0, answers
     assert T.score(s.expected, answers[1][0]) == 0.0, answers
+
+
+# ----------------------------------------------------------------------------------------------
+# One prefill per sample; the peers and union groups at decode time
+
+
+def peer_methods(kf: float, df: float, group: str = "union") -> list[MethodSpec]:
+    common = dict(kf=kf, group=group)
+    return [
+        MethodSpec("full"),
+        MethodSpec("loki", LokiSpec(df=df, basis="qa-post", **common)),
+        MethodSpec("loki", LokiSpec(df=df, basis="pre", **common)),
+        MethodSpec("exact-topk", LokiSpec(df=None, **common)),
+        MethodSpec("sparq", LokiSpec(df=df, **common)),
+        MethodSpec("quest", LokiSpec(df=None, **common), page=4),
+        MethodSpec("double-sparsity", LokiSpec(df=df, basis="random", **common)),
+        MethodSpec("h2o", LokiSpec(df=None, **common)),
+    ]
+
+
+def per_basis_prefill_answers(loaded, cal, context, question, max_new, specs):
+    """The protocol before one shared prefill: each method's cache prefilled in its own basis."""
+    from lokitool.sparse import generation as gen
+    from lokitool.sparse.cache import LokiCache
+
+    out = []
+    with torch.inference_mode():
+        for spec in specs:
+            capacity = len(context) + len(question) + max_new + 1
+            bases = longctx.cache_bases(spec, loaded, cal)
+            cache = LokiCache(bases, max_length=capacity) if bases is not None else LokiCache.unrotated(
+                loaded.facts.num_layers, max_length=capacity)
+            with D.method_attention(loaded.model, cache, MethodSpec("full")):
+                gen.prefill(loaded.model, torch.tensor([context]), cache)
+            with D.method_attention(loaded.model, cache, spec) as stats:
+                ids = longctx._decode_answer(loaded.model, cache, torch.tensor([question]), max_new, None)
+            out.append((loaded.tokenizer.decode(ids.tolist()).strip(), stats.kept_fraction))
+    return out
+
+
+@pytest.mark.parametrize("group", ["head", "union"])
+def test_one_shared_prefill_answers_as_a_prefill_per_basis(tiny, group):
+    """The rotated copy of one unrotated prefill decodes every method to the same answer, with the
+    same kept fraction, as a prefill into each method's own cache."""
+    loaded, cal = tiny
+    s = sample("passkey", length=300, depth=0.3)
+    context, question = T.prompt_ids(s, loaded.tokenizer, 1)
+    specs = [spec for spec in peer_methods(0.3, 0.5, group) if not (group == "head" and spec.method == "quest")]
+    got = longctx.answer_sample(loaded, context, question, 8, specs, cal)
+    want = per_basis_prefill_answers(loaded, cal, context, question, 8, specs)
+    assert [a for a, _ in got] == [a for a, _ in want]
+    assert [k for _, k in got] == pytest.approx([k for _, k in want])
+
+
+def test_a_rotated_copy_holds_the_keys_a_prefill_in_the_basis_stores(tiny):
+    from lokitool.sparse import generation as gen
+    from lokitool.sparse.cache import LokiCache
+
+    loaded, cal = tiny
+    spec = MethodSpec("loki", LokiSpec(kf=0.5, df=0.5, basis="post"))
+    ids = torch.tensor([[5 + i % 100 for i in range(50)]])
+    bases = longctx.cache_bases(spec, loaded, cal)
+    plain, rotated = LokiCache.unrotated(loaded.facts.num_layers, max_length=60), LokiCache(bases, max_length=60)
+    with torch.inference_mode():
+        for cache in (plain, rotated):
+            with D.method_attention(loaded.model, cache, MethodSpec("full")):
+                gen.prefill(loaded.model, ids, cache)
+        copy = longctx.rotated_copy(plain, bases, 60)
+    for a, b in zip(copy.layers, rotated.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sparq", "quest", "exact-topk", "double-sparsity"])
+def test_decode_selector_rows_reproduce_the_reference(method):
+    """One query row at a time through decode_selector equals the reference over the sequence (union group)."""
+    q, k, v = qkv()
+    spec = LokiSpec(kf=0.3, df=0.5, group="union")
+    mspec = MethodSpec(method, spec, page=4 if method == "quest" else None)
+    selector = D.decode_selector(mspec)(q.shape[-1])
+    want = R.sparse_attention(q, k, v, selector=selector, spec=spec, scaling=0.25)
+    for t in range(q.shape[2]):
+        got = R.sparse_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], selector=selector, spec=spec, scaling=0.25)
+        torch.testing.assert_close(got[:, :, 0], want[:, :, t], atol=1e-5, rtol=1e-5, msg=f"row {t}")
+
+
+def test_peers_and_union_groups_at_full_budget_answer_as_full_attention(tiny):
+    loaded, cal = tiny
+    s = sample("passkey", length=300, depth=0.3)
+    context, question = T.prompt_ids(s, loaded.tokenizer, 1)
+    answers = longctx.answer_sample(loaded, context, question, 6, peer_methods(1.0, 1.0), cal)
+    assert [a for a, _ in answers] == [answers[0][0]] * len(answers) and len(answers[0][0]) > 0
+    assert all(kept == pytest.approx(1.0) for _, kept in answers)
+
+
+def test_tasks_take_a_byte_budget(tiny, tmp_path):
+    """--bytes with --tasks: each method's kf from the byte model, and the bytes in every record."""
+    loaded, cal = tiny
+    (tmp_path / "hay.txt").write_text(haystack())
+    config = TaskConfig(
+        eval=EvalConfig(methods=("full", "sparq", "quest"), bytes=(0.375,), df=(0.25,), group="union",
+                        output_path=tmp_path / "out"),
+        tasks=("passkey",), lengths=(300,), depths=(0.5,), haystack=tmp_path / "hay.txt",
+    )
+    results = longctx.run(config, loaded, cal)
+    by = {r.method: r for r in results}
+    assert by["sparq"].kf == pytest.approx(0.25) and by["quest"].kf == pytest.approx(0.3125)
+    assert [by[m].bytes for m in ("full", "sparq", "quest")] == pytest.approx([1.0, 0.375, 0.375])

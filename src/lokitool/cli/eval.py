@@ -102,7 +102,7 @@ def eval_command(
         return eval_tasks(
             ppl=ppl, tasks=tasks, lm_eval=lm_eval, lengths=lengths, depths=depths, samples=samples, seed=seed,
             sparse_prefill=sparse_prefill, haystack=haystack, limit=limit, model=model, calibration=calibration,
-            methods=methods, kf=kf, df=df, variance=variance, basis=basis, budget=budget, sink=sink, group=group,
+            methods=methods, kf=kf, bytes_=bytes_, page=page, df=df, variance=variance, basis=basis, budget=budget, sink=sink, group=group,
             batch_size=batch_size, output_path=output_path, device=device, dtype=dtype, backend=backend,
         )
     if not ppl:

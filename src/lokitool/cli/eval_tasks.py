@@ -16,7 +16,8 @@ from .options import float_list, int_list, sink_list, word_list
 
 def eval_tasks(*, ppl: bool, tasks: str, lm_eval: str, lengths: str, depths: str, samples: int, seed: int,
                sparse_prefill: bool, haystack: Optional[Path], limit: Optional[int], model: str,
-               calibration: Optional[Path], methods: str, kf: str, df: str, variance: str, basis: str, budget: str,
+               calibration: Optional[Path], methods: str, kf: str, bytes_: str, page: int, df: str, variance: str,
+               basis: str, budget: str,
                sink: str, group: str, batch_size: int, output_path: Path, device: str, dtype: str, backend: str) -> None:
     from ..fileio import ensure_writable_dir
 
@@ -25,6 +26,7 @@ def eval_tasks(*, ppl: bool, tasks: str, lm_eval: str, lengths: str, depths: str
     sinks = sink_list(sink)
     config = EvalConfig(
         model=model, calibration=calibration, methods=word_list(methods), kf=float_list(kf, "--kf"),
+        bytes=float_list(bytes_, "--bytes"), page=page,
         df=float_list(df, "--df") if not variance else (), variance=float_list(variance, "--variance"),
         basis=word_list(basis), budget=word_list(budget), sink=sinks, group=group, batch_size=batch_size,
         output_path=output_path, device=device, dtype=dtype, backend=backend,
@@ -42,7 +44,7 @@ def eval_tasks(*, ppl: bool, tasks: str, lm_eval: str, lengths: str, depths: str
 
         lmeval.check_available()
     ensure_writable_dir(output_path)
-    needs_cal = any(s.method == "loki" for s in specs)
+    needs_cal = any(s.method in ("loki", "double-sparsity") for s in specs)
     loaded, cal = load_model_and_calibration(model, calibration, not needs_cal, device, dtype)
     if task_config is not None:
         _run_tasks(task_config, loaded, cal, len(specs))

@@ -1,11 +1,13 @@
 """`lokitool eval --tasks`: the synthetic long-context tasks (`tasks.py`) under full attention,
 Loki and the baselines, with decode-time sparsity.
 
-Protocol (per sample): the context is prefilled once per cache basis with FULL attention into a
-`LokiCache` (keys rotated into the basis of the low-rank methods; stored as they come for the
-others); then, for each method, the question and the answer are decoded token by token under the
-method (`sparse.decode.method_attention`), greedily, and the cache is cut back to the context for
-the next method. With `sparse_prefill` the context is prefilled under the method too (the
+Protocol (per sample): the context is prefilled ONCE with FULL attention into a `LokiCache` that
+stores the keys as they come; the methods that score in a basis (Loki, random basis, Double
+Sparsity) get a copy of it with the keys rotated into their basis (what a prefill into their cache
+would store: the cache rotates keys after RoPE, and full attention is basis-free). Then, for each
+method, the question and the answer are decoded token by token under the method
+(`sparse.decode.method_attention`), greedily, and the cache is cut back to the context for the
+next method. With `sparse_prefill` the context is prefilled under the method too (the
 reference functions that `attention.patched` uses for `eval --ppl`), once per method.
 """
 
@@ -24,7 +26,7 @@ from ..calib.models import LoadedModel
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..sparse import generation as gen
-from ..sparse.attention import LOW_RANK, MethodSpec
+from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec, layer_bases
 from ..sparse.cache import LokiCache
 from ..sparse.decode import DecodeScorer, method_attention
 from . import tasks as T
@@ -56,6 +58,7 @@ class TaskResult:
     kept_fraction: float | None  # of the cached keys, over the decode steps
     sparse_prefill: bool
     seconds: float
+    bytes: float | None = None  # read per decode step relative to full attention (MethodSpec.step_bytes)
 
 
 def label(spec: MethodSpec) -> str:
@@ -63,9 +66,11 @@ def label(spec: MethodSpec) -> str:
     s = spec.loki
     if spec.method == "loki":
         parts.append(s.basis)
+    if spec.method == "quest":
+        parts.append(f"P={spec.page}")
     if s is not None:
         parts.append(f"kf={s.kf:g}")
-        if spec.method in LOW_RANK:
+        if spec.method in DIM_SCANNERS:
             parts.append(f"df={s.df:g}")
         if s.sink:
             parts.append(f"sink={s.sink}")
@@ -79,9 +84,13 @@ def haystack_text(path: Path | None, min_chars: int) -> str:
             return Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise UserError(f"cannot read the haystack {path}: {err.strerror}") from None
-    from .passkey import filler_text
+    return T.heldout_text(min_chars)
 
-    return filler_text(min_chars)
+
+def step_bytes(spec: MethodSpec, facts) -> float:
+    """Bytes a decode step of `spec` reads relative to full attention (d fixed by --df in --tasks)."""
+    dims = [spec.loki.dims(facts.head_dim)] * facts.num_layers if spec.loki is not None and spec.loki.df is not None else None
+    return spec.step_bytes(facts, dims)
 
 
 def _cache_key(spec: MethodSpec):
@@ -89,10 +98,29 @@ def _cache_key(spec: MethodSpec):
     return (spec.basis, spec.loki.df) if spec.method in LOW_RANK else None
 
 
+def cache_bases(spec: MethodSpec, loaded: LoadedModel, calibration: Calibration | None) -> torch.Tensor | None:
+    """[L, Hkv, D, D] the basis of a low-rank method's cache (Double Sparsity: its channels), else None."""
+    if spec.method not in LOW_RANK:
+        return None
+    facts = loaded.facts
+    if calibration is not None:
+        calibration.check_shape(facts)
+    return layer_bases(spec, calibration, facts, [spec.loki.dims(facts.head_dim)] * facts.num_layers)
+
+
 def _new_cache(spec: MethodSpec, loaded: LoadedModel, calibration: Calibration | None, capacity: int) -> LokiCache:
-    if spec.method in LOW_RANK:
-        return LokiCache(gen.loki_bases(spec.loki, calibration, loaded.facts), max_length=capacity)
+    bases = cache_bases(spec, loaded, calibration)
+    if bases is not None:
+        return LokiCache(bases, max_length=capacity)
     return LokiCache.unrotated(loaded.facts.num_layers, max_length=capacity)
+
+
+def rotated_copy(cache: LokiCache, bases: torch.Tensor, capacity: int) -> LokiCache:
+    """A new cache in `bases` holding the keys of an unrotated `cache` rotated, and its values."""
+    out = LokiCache(bases, max_length=capacity)
+    for src, dst in zip(cache.layers, out.layers):
+        dst.update(src.keys, src.values)
+    return out
 
 
 def _decode_answer(model, cache: LokiCache, question: torch.Tensor, max_new_tokens: int, stop_token: int | None) -> torch.Tensor:
@@ -128,11 +156,18 @@ def answer_sample(loaded: LoadedModel, context: list[int], question: list[int], 
     for i, spec in enumerate(specs):
         groups.setdefault(i if sparse_prefill else _cache_key(spec), []).append(i)
     out: dict[int, tuple[str, float | None]] = {}
-    for members in groups.values():
-        cache = _new_cache(specs[members[0]], loaded, calibration, capacity)
-        if not sparse_prefill:
-            with method_attention(model, cache, MethodSpec("full")):
-                gen.prefill(model, ctx, cache)
+    shared = None
+    if not sparse_prefill:
+        shared = LokiCache.unrotated(loaded.facts.num_layers, max_length=capacity)
+        with method_attention(model, shared, MethodSpec("full")):
+            gen.prefill(model, ctx, shared)
+    for key, members in groups.items():
+        if sparse_prefill:
+            cache = _new_cache(specs[members[0]], loaded, calibration, capacity)
+        elif key is None:
+            cache = shared
+        else:
+            cache = rotated_copy(shared, cache_bases(specs[members[0]], loaded, calibration), capacity)
         for i in members:
             if sparse_prefill:
                 with method_attention(model, cache, specs[i], sparse_prefill=True):
@@ -180,7 +215,7 @@ def run(config: TaskConfig, loaded: LoadedModel, calibration: Calibration | None
                         tokens=[r[0] for r in row], score=sum(r[1] for r in row) / len(row), scores=[r[1] for r in row],
                         answers=[r[2] for r in row], expected=[r[3] for r in row],
                         kept_fraction=sum(kept) / len(kept) if kept else None, sparse_prefill=config.sparse_prefill,
-                        seconds=sum(r[5] for r in row),
+                        seconds=sum(r[5] for r in row), bytes=round(step_bytes(spec, facts), 6),
                     )
                     results.append(result)
                     if on_result is not None:

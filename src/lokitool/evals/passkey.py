@@ -1,15 +1,15 @@
-"""Passkey retrieval: can the model find a 5-digit number hidden in long filler text?
+"""Passkey retrieval (`lokitool passkey`): can the model find a 5-digit number hidden in long filler text?
 
-The filler is held-out State of the Union text (`data.sotu_documents("heldout")`); the key sentence
-"The pass key is NNNNN. Remember it. NNNNN is the pass key." is put at a chosen depth (a fraction of
-the filler, cut at a sentence end), and the model is asked, through its chat template, for the key.
-A trial passes when the 5 digits appear in the greedy answer. Each (length, depth) trial runs under
-full attention and under Loki at the given budgets (dense prefill, Loki at decode, as `generate`).
+The prompt is the `passkey` task of `tasks.py` (the one prompt builder of `eval --tasks`): held-out
+State of the Union text (`tasks.heldout_text`) with the key sentence "The pass key is NNNNN.
+Remember it. NNNNN is the pass key." at a chosen depth (a fraction of the filler, cut at a sentence
+end), and the question, through the model's chat template. A trial passes when the 5 digits appear
+in the greedy answer. Each (length, depth) trial runs under full attention and under Loki at the
+given budgets (dense prefill, Loki at decode, as `generate`).
 """
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,16 +19,14 @@ import torch
 
 from .. import results
 from ..calib.calibration import Calibration
-from ..calib.data import sotu_documents
 from ..calib.models import LoadedModel, ModelFacts
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..sparse import generation as gen
 from ..sparse.reference import LokiSpec
+from . import tasks as T
 
-QUESTION = "What is the pass key? Answer with the number only."
-MAX_NEW_TOKENS = 12  # enough for the five digits and some words around them
-INTRO = "There is a pass key hidden in the following text. Find it and remember it.\n\n"
+MAX_NEW_TOKENS = 12  # enough for the five digits and some words around them (the passkey task's own)
 
 
 @dataclass(frozen=True)
@@ -42,41 +40,15 @@ class Trial:
     found: bool
 
 
-def key_sentence(key: str) -> str:
-    return f" The pass key is {key}. Remember it. {key} is the pass key. "
-
-
-def filler_text(min_chars: int) -> str:
-    """At least `min_chars` characters of held-out speeches."""
-    parts, size = [], 0
-    for doc in sotu_documents("heldout"):
-        parts.append(doc.strip())
-        size += len(parts[-1])
-        if size >= min_chars:
-            break
-    return "\n\n".join(parts)
-
-
-def _cut_at_sentence(text: str, pos: int) -> int:
-    """The nearest sentence end at or before `pos` (or `pos` itself if there is none)."""
-    end = text.rfind(". ", 0, pos)
-    return end + 2 if end > 0 else pos
-
-
-def build_prompt(loaded: LoadedModel, filler: str, *, length: int, depth: float, key: str) -> list[int]:
-    """Token ids of about `length` tokens: intro, filler with the key at `depth`, question."""
+def build_prompt(loaded: LoadedModel, filler: str, *, length: int, depth: float, seed: int) -> tuple[list[int], str]:
+    """Token ids of about `length` tokens (the passkey task's sample of `seed`: intro, filler with the
+    key at `depth`, question) and the key."""
     tok, bos = loaded.tokenizer, loaded.facts.bos_token_id
-    overhead = len(gen.encode_prompt(tok, INTRO + key_sentence(key) + "\n\n" + QUESTION, bos))
-    budget = length - overhead
-    if budget < 16:
-        raise UserError(f"passkey length {length} is too short for the question; use at least {overhead + 16}")
-    filler_ids = tok(filler, add_special_tokens=False)["input_ids"]
-    if len(filler_ids) < budget:
-        raise UserError(f"not enough filler text for {length} tokens")
-    body = tok.decode(filler_ids[:budget])
-    at = _cut_at_sentence(body, int(depth * len(body)))
-    text = INTRO + body[:at] + key_sentence(key) + body[at:] + "\n\n" + QUESTION
-    return gen.encode_prompt(tok, text, bos)
+    sample = T.make_sample("passkey", length=length, depth=depth, seed=seed, haystack=filler,
+                           encode=lambda text: tok(text, add_special_tokens=False)["input_ids"], decode=tok.decode,
+                           overhead=T.template_overhead(tok, bos))
+    context, question = T.prompt_ids(sample, tok, bos)
+    return context + question, sample.expected[0]
 
 
 def answer_of(loaded: LoadedModel, ids: list[int], spec: LokiSpec | None, calibration: Calibration | None,
@@ -99,18 +71,16 @@ def run(
     max_new_tokens: int = MAX_NEW_TOKENS,
     on_trial: Callable[[Trial], None] = lambda t: None,
 ) -> list[Trial]:
-    """Full attention and Loki on every (length, depth); one random key per pair."""
+    """Full attention and Loki on every (length, depth): the passkey task's sample of `seed` for each."""
     lengths, depths = list(lengths), list(depths)
     if any(not 0 <= d <= 1 for d in depths):
         raise UserError(f"--depths must lie in [0, 1], got {depths}")
-    filler = filler_text(max(lengths) * 8)  # ~4 characters a token, with margin
-    rng = random.Random(seed)
+    filler = T.heldout_text(max(lengths) * 8 + 4096)  # ~4 characters a token, with margin
     label = f"loki kf={spec.kf:g} df={spec.df:g}"
     trials = []
     for length in lengths:
         for depth in depths:
-            key = f"{rng.randrange(10000, 100000)}"
-            ids = build_prompt(loaded, filler, length=length, depth=depth, key=key)
+            ids, key = build_prompt(loaded, filler, length=length, depth=depth, seed=seed)
             for method, s in (("full", None), (label, spec)):
                 answer = answer_of(loaded, ids, s, calibration, max_new_tokens)
                 trial = Trial(len(ids), length, depth, key, method, answer, key in re.sub(r"[\s,]", "", answer))

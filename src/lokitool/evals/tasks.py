@@ -15,7 +15,7 @@ Tasks (RULER's names in brackets):
 - `vt` [vt]: a chain of assignments "VAR A = 12345. VAR B = VAR A. ..."; all names holding the
   value are asked; the first assignment sits at the depth, the others spread after it.
 - `cwe` [cwe]: a numbered list of words, ten of them frequent; the ten are asked (no depth).
-- `passkey`: the passkey sentence of `evals/passkey.py`, and its question.
+- `passkey`: a 5-digit pass key stated twice in one sentence, and its question (also `lokitool passkey`).
 Scoring is RULER's `string_match_all`: the fraction of expected strings found in the answer
 (case-insensitive), so 1.0 is exact retrieval and a partial answer earns partial recall.
 """
@@ -75,6 +75,19 @@ def score(expected: Iterable[str], answer: str) -> float:
     expected = list(expected)
     text = answer.lower()
     return sum(e.lower() in text for e in expected) / len(expected)
+
+
+def heldout_text(min_chars: int) -> str:
+    """At least `min_chars` characters of held-out speeches (the default haystack)."""
+    from ..calib.data import sotu_documents
+
+    parts, size = [], 0
+    for doc in sotu_documents("heldout"):
+        parts.append(doc.strip())
+        size += len(parts[-1])
+        if size >= min_chars:
+            break
+    return "\n\n".join(parts)
 
 
 def check_request(tasks: Iterable[str], lengths: Iterable[int], depths: Iterable[float], max_positions: int | None) -> None:

@@ -9,7 +9,10 @@
   exact attention over them with `reference.attend`. Selectors differ only in their scores:
   exact-topk scores q.k exactly; h2o gives the most recent k // 2 keys +inf and ranks the others by
   the attention mass (full softmax, as the idealised H2O of `reference.h2o_attention`) that the
-  decoded queries so far, this one included, gave them.
+  decoded queries so far, this one included, gave them;
+- sparq, quest, and every method but h2o under `group union` (what the two mechanisms above do not
+  express): the reference's `sparse_attention` over the one query row, with the selector `eval --ppl`
+  uses (`decode_selector`); low-rank methods score the first d dims of the rotated keys, as Loki does.
 Keys arrive rotated (the cache rotates them; a cache without a basis stores them as they come);
 queries are rotated here, so q_rot . k_rot = q . k and exact scores need no basis.
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from ..calib.dispatch import route_attention, sdpa_attention
 from ..calib.models import attention_modules
+from . import peers
 from . import reference as loki
 from .attention import LOW_RANK, MethodSpec
 from .cache import LokiCache, rotate_into
@@ -77,6 +81,24 @@ def scorer_for(method: str) -> DecodeScorer | None:
     return {"exact-topk": exact_scorer, "h2o": h2o_scorer, "recent": recent_scorer}.get(method, lambda: None)()
 
 
+def decode_selector(method: MethodSpec) -> Callable[[int], loki.Selector] | None:
+    """head_dim -> the reference selector a decode step of `method` runs through
+    `reference.sparse_attention` over the cached (rotated) keys; None where `method_attention`'s
+    other paths serve the method."""
+    m, s = method.method, method.loki
+    if m in ("full", "h2o"):  # h2o selects per query head whatever the group (as in eval --ppl)
+        return None
+    if m == "sparq":
+        return lambda head_dim: peers.sparq_selector(s.dims(head_dim), shared=s.group != "head")
+    if m == "quest":
+        return lambda head_dim: peers.quest_selector(method.page)
+    if s.group != "union":
+        return None
+    if m in LOW_RANK:
+        return lambda head_dim: loki.rotated_selector(s.dims(head_dim))
+    return lambda head_dim: loki.exact_topk_selector()
+
+
 def scored_decode(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, *,
                   spec: loki.LokiSpec, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step: the top max(1, floor(kf x S)) keys by `scores` [B, H, S] (sinks and groups
@@ -106,6 +128,10 @@ class DecodeStats:
         self.kept += float(kept_fraction.sum())
         self.rows += kept_fraction.numel()
 
+    def add_selection(self, selection: loki.SelectionStats) -> None:
+        self.kept += selection.kept_fraction
+        self.rows += selection.rows
+
     @property
     def kept_fraction(self) -> float | None:
         return self.kept / self.rows if self.rows else None
@@ -129,7 +155,8 @@ def method_attention(model: nn.Module, cache: LokiCache, method: MethodSpec, *, 
     device = next(attention_modules(model)[0].parameters()).device
     stats = DecodeStats()
     dense = sdpa_attention()
-    low_rank = method.method in LOW_RANK and scorer is None
+    selector_of = decode_selector(method) if scorer is None else None
+    low_rank = method.method in LOW_RANK and scorer is None and selector_of is None
     scorer = scorer if scorer is not None else scorer_for(method.method)
     decode = decode_backend(device) if low_rank else None
 
@@ -152,7 +179,12 @@ def method_attention(model: nn.Module, cache: LokiCache, method: MethodSpec, *, 
                     return out[:, None].to(query.dtype), None
                 return dense(mod, q_rot, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
             b, h, s = query.shape[0], query.shape[1], key.shape[2]
-            if low_rank:
+            if selector_of is not None:
+                selection = loki.SelectionStats()
+                out = loki.sparse_attention(q_rot, key, value, selector=selector_of(query.shape[-1]), spec=method.loki, scaling=scale,
+                                            stats=selection)[:, :, 0]
+                stats.add_selection(selection)
+            elif low_rank:
                 lengths = torch.full((b,), s, dtype=torch.int32, device=query.device)
                 out = decode(q_rot[:, :, 0], key, value, lengths, spec=method.loki, scaling=scale)
                 stats.add(torch.full((b, h), min(s, method.loki.max_budget(s)) / s))

@@ -194,7 +194,10 @@ def union_scores(scores: torch.Tensor, num_kv_heads: int, visible: torch.Tensor)
     order = scores.masked_fill(~visible, NEG_INF).argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(sk, device=scores.device).expand_as(order))
     turn = rank.reshape(b, num_kv_heads, g, rows, sk) * g + torch.arange(g, device=scores.device)[:, None, None]
-    first = turn.amin(2, keepdim=True).expand(b, num_kv_heads, g, rows, sk).reshape(b, h, rows, sk)
+    first = turn[:, :, 0]
+    for i in range(1, g):  # the min over the group, slice by slice: amin over a middle dim is slow on CPU
+        first = torch.minimum(first, turn[:, :, i])
+    first = first[:, :, None].expand(b, num_kv_heads, g, rows, sk).reshape(b, h, rows, sk)
     return -first.double()
 
 
