@@ -3,7 +3,6 @@ evaluated from its definition; and its storage in the calibration file (version 
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -18,17 +17,6 @@ from lokitool.calib.run import build_calibration
 from lokitool.errors import UserError
 from lokitool.sparse.bases import query_aware_basis
 from lokitool.sparse.reference import dims_for
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny problems: threads only add hand-offs (many times the work when other jobs share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def objective(u: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -76,7 +64,7 @@ def test_fit_beats_pca_and_matches_the_previous_fit(count, dim, d, seed):
     total = (c * s).sum((-1, -2))
     fit = objective(u, c, s) / total
     pca = objective(torch.linalg.eigh(c)[1].flip(-1)[..., :d], c, s) / total
-    with one_thread():
+    with qa.one_cpu_thread():
         before = objective(previous_fit(c, s, d), c, s) / total
     assert bool((fit <= pca + 1e-12).all())
     assert bool((fit <= before + 1e-4).all()), (fit - before).max()

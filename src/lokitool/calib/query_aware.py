@@ -79,7 +79,7 @@ def query_aware_subspace(
     On the CPU the fit runs on one thread: thousands of small products, whose hand-offs between threads
     cost more than they save (five to ten times the single-thread time when other jobs share the cores).
     """
-    with _one_cpu_thread():
+    with one_cpu_thread():
         return _fit(c, s, d, max_steps, window, stall)
 
 
@@ -106,7 +106,8 @@ def _fit(c: torch.Tensor, s: torch.Tensor, d: int, max_steps: int, window: int, 
 
 
 @contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
+def one_cpu_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside (small fits: more threads only add hand-offs)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -22,8 +22,6 @@ exact mass on the held-out windows, so it is never worse than either start there
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +29,7 @@ from torch import nn
 
 from .collect import capture
 from .models import ModelFacts, attention_modules
-from .query_aware import orthonormalize
+from .query_aware import one_cpu_thread, orthonormalize
 
 KF_SET = (0.125, 0.25)  # budgets the fit targets (the eval settings of issue 18), averaged
 TEMPERATURE = 0.3  # surrogate sharpness, in units of the row's exact-score spread
@@ -178,7 +176,7 @@ def ascend(u: torch.Tensor, rows: _Rows, steps: int, learning_rate: float, tempe
     m = torch.zeros_like(u)
     v = torch.zeros_like(u)
     beta1, beta2 = 0.9, 0.999
-    with _one_cpu_thread():
+    with one_cpu_thread():
         for step in range(1, steps + 1):
             x = u.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(surrogate_mass(x, rows, temperature), x)
@@ -192,16 +190,6 @@ def ascend(u: torch.Tensor, rows: _Rows, steps: int, learning_rate: float, tempe
                 if mass > best:
                     best_u, best = u, mass
     return best_u
-
-
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
