@@ -304,3 +304,16 @@ def test_peers_at_full_budget_reproduce_model_logits(tiny_with_calibration, meth
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert rec.kept_fraction() == pytest.approx(1.0)
     assert all(j == pytest.approx(1.0) for j in rec.jaccard_per_layer())
+
+
+@pytest.mark.parametrize("method", ["sparq", "quest"])
+def test_task_sparse_prefill_runs_the_peer_selectors(method):
+    """eval --tasks --sparse-prefill puts the context under SparQ / Quest themselves (brute force),
+    through the selector eval --ppl uses, not under exact top-k."""
+    from lokitool.sparse import decode
+
+    q, k, v = qkv(seed=5)
+    spec = MethodSpec(method, LokiSpec(kf=0.3, df=0.375), page=4)  # d = 3 of D = 8
+    got = decode._prefill(spec, D)(q, k, v, 0.4)
+    approx = sparq_brute(q, k, 3, False) if method == "sparq" else quest_brute(q, k, 4)
+    torch.testing.assert_close(got, brute_force(q, k, v, approx, kf=0.3, scaling=0.4), rtol=1e-5, atol=1e-5)

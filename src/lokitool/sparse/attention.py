@@ -142,22 +142,28 @@ def layer_bases(spec: MethodSpec, calibration: Calibration | None, facts: ModelF
     return torch.stack([by_d[d][i] for i, d in enumerate(dims)]).float()
 
 
+def selector_for(spec: MethodSpec, d: int | None, basis: torch.Tensor | None = None) -> loki.Selector:
+    """The reference selector of every method but h2o (its own attention): d = dims scored by the
+    low-rank methods and SparQ; low-rank methods rotate into `basis` [Hkv, D, D], or, with basis None,
+    score keys and queries already rotated (the Loki cache's, at decode)."""
+    if spec.method == "exact-topk":
+        return loki.exact_topk_selector()
+    if spec.method in LOW_RANK:
+        return loki.loki_selector(basis, d, name=spec.method) if basis is not None else loki.rotated_selector(d)
+    if spec.method == "sparq":
+        return peers.sparq_selector(d, shared=spec.loki.group != "head")
+    if spec.method == "quest":
+        return peers.quest_selector(spec.page)
+    return loki.full_selector()
+
+
 def _layer_attention(spec: MethodSpec, basis: torch.Tensor | None, d: int | None, stats: loki.SelectionStats, backend: str):
     """The attention functions of one layer: (q, k, v, scaling, mask, softcap, sink_logits) ->
     [B, H, Sq, D] float32, on torch, and on triton (None where the backend is torch)."""
     common = dict(spec=spec.loki, stats=stats)
     if spec.method == "h2o":
         return (lambda q, k, v, scaling, **shape: loki.h2o_attention(q, k, v, scaling=scaling, **shape, **common)), None
-    if spec.method == "exact-topk":
-        selector = loki.exact_topk_selector()
-    elif spec.method in LOW_RANK:
-        selector = loki.loki_selector(basis, d, name=spec.method)
-    elif spec.method == "sparq":
-        selector = peers.sparq_selector(d, shared=spec.loki.group != "head")
-    elif spec.method == "quest":
-        selector = peers.quest_selector(spec.page)
-    else:
-        selector = loki.full_selector()
+    selector = selector_for(spec, d, basis)
     compare = spec.method not in ("exact-topk", "full")
 
     def on_torch(q, k, v, scaling, **shape):

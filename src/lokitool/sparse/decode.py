@@ -31,9 +31,8 @@ from torch import nn
 
 from ..calib.dispatch import route_attention, sdpa_attention
 from ..calib.models import attention_modules
-from . import peers
 from . import reference as loki
-from .attention import LOW_RANK, MethodSpec
+from .attention import DIM_SCANNERS, LOW_RANK, MethodSpec, selector_for
 from .cache import LokiCache, rotate_into
 from .generation import decode_backend
 
@@ -85,18 +84,17 @@ def decode_selector(method: MethodSpec) -> Callable[[int], loki.Selector] | None
     """head_dim -> the reference selector a decode step of `method` runs through
     `reference.sparse_attention` over the cached (rotated) keys; None where `method_attention`'s
     other paths serve the method."""
-    m, s = method.method, method.loki
+    m = method.method
     if m in ("full", "h2o"):  # h2o selects per query head whatever the group (as in eval --ppl)
         return None
-    if m == "sparq":
-        return lambda head_dim: peers.sparq_selector(s.dims(head_dim), shared=s.group != "head")
-    if m == "quest":
-        return lambda head_dim: peers.quest_selector(method.page)
-    if s.group != "union":
+    if m not in ("sparq", "quest") and method.loki.group != "union":
         return None
-    if m in LOW_RANK:
-        return lambda head_dim: loki.rotated_selector(s.dims(head_dim))
-    return lambda head_dim: loki.exact_topk_selector()
+    return lambda head_dim: _selector(method, head_dim)
+
+
+def _selector(method: MethodSpec, head_dim: int) -> loki.Selector:
+    """eval --ppl's selector of `method`, over keys the cache already rotated."""
+    return selector_for(method, method.loki.dims(head_dim) if method.method in DIM_SCANNERS else None)
 
 
 def scored_decode(q_rot: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, *,
@@ -142,7 +140,7 @@ def _prefill(method: MethodSpec, head_dim: int):
     spec = method.loki
     if method.method == "h2o":
         return lambda q, k, v, scale: loki.h2o_attention(q, k, v, spec=spec, scaling=scale)
-    selector = loki.rotated_selector(spec.dims(head_dim)) if method.method in LOW_RANK else loki.exact_topk_selector()
+    selector = _selector(method, head_dim)
     return lambda q, k, v, scale: loki.sparse_attention(q, k, v, selector=selector, spec=spec, scaling=scale)
 
 
