@@ -26,7 +26,7 @@ from ..calib.models import LoadedModel
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..sparse import generation as gen
-from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec, layer_bases
+from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec, layer_bases, layer_dims
 from ..sparse.cache import LokiCache
 from ..sparse.decode import DecodeScorer, method_attention
 from . import tasks as T
@@ -85,12 +85,6 @@ def haystack_text(path: Path | None, min_chars: int) -> str:
         except OSError as err:
             raise UserError(f"cannot read the haystack {path}: {err.strerror}") from None
     return T.heldout_text(min_chars)
-
-
-def step_bytes(spec: MethodSpec, facts) -> float:
-    """Bytes a decode step of `spec` reads relative to full attention (d fixed by --df in --tasks)."""
-    dims = [spec.loki.dims(facts.head_dim)] * facts.num_layers if spec.loki is not None and spec.loki.df is not None else None
-    return spec.step_bytes(facts, dims)
 
 
 def _cache_key(spec: MethodSpec):
@@ -192,6 +186,7 @@ def run(config: TaskConfig, loaded: LoadedModel, calibration: Calibration | None
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     decode = lambda ids: tok.decode(ids)  # noqa: E731
     overhead = T.template_overhead(tok, facts.bos_token_id)
+    dims = [layer_dims(spec, calibration, facts) if spec.method in DIM_SCANNERS else None for spec in specs]  # as eval --ppl
     results = []
     for task in config.tasks:
         for length in config.lengths:
@@ -208,14 +203,14 @@ def run(config: TaskConfig, loaded: LoadedModel, calibration: Calibration | None
                     for row, (answer, kept) in zip(rows, answers):
                         row.append((len(context) + len(question), T.score(sample.expected, answer), answer,
                                     list(sample.expected), kept, seconds))
-                for spec, row in zip(specs, rows):
+                for spec, row, spec_dims in zip(specs, rows, dims):
                     kept = [r[4] for r in row if r[4] is not None]
                     result = TaskResult(
                         **spec.fields(), label=label(spec), task=task, length=length, depth=depth,
                         tokens=[r[0] for r in row], score=sum(r[1] for r in row) / len(row), scores=[r[1] for r in row],
                         answers=[r[2] for r in row], expected=[r[3] for r in row],
                         kept_fraction=sum(kept) / len(kept) if kept else None, sparse_prefill=config.sparse_prefill,
-                        seconds=sum(r[5] for r in row), bytes=round(step_bytes(spec, facts), 6),
+                        seconds=sum(r[5] for r in row), bytes=round(spec.step_bytes(facts, spec_dims), 6),
                     )
                     results.append(result)
                     if on_result is not None:
