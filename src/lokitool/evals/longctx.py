@@ -26,7 +26,7 @@ from ..calib.models import LoadedModel
 from ..errors import UserError
 from ..fileio import write_text_atomic
 from ..sparse import generation as gen
-from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodSpec, layer_bases, layer_dims
+from ..sparse.attention import DIM_SCANNERS, LOW_RANK, MethodRecord, MethodSpec, layer_bases, layer_dims
 from ..sparse.cache import LokiCache
 from ..sparse.decode import DecodeScorer, method_attention
 from . import tasks as T
@@ -34,17 +34,9 @@ from .config import TaskConfig
 
 
 @dataclass(frozen=True)
-class TaskResult:
+class TaskResult(MethodRecord):
     """One record per (method, task, length, depth): the mean score over its samples."""
 
-    method: str
-    kf: float | None
-    df: float | None
-    variance: float | None
-    basis: str | None
-    budget: str | None
-    sink: int | None
-    group: str | None
     page: int | None  # Quest's page size
     label: str
     task: str

@@ -13,20 +13,12 @@ from .. import results as results_file
 from ..calib.calibration import Calibration
 from ..calib.models import LoadedModel
 from ..fileio import atomic_path
-from ..sparse.attention import DIM_SCANNERS, MethodSpec, layer_dims, patched, resolve_backend
+from ..sparse.attention import DIM_SCANNERS, MethodRecord, MethodSpec, layer_dims, patched, resolve_backend
 from .config import EvalConfig
 
 
 @dataclass(frozen=True)
-class Result:
-    method: str
-    kf: float | None
-    df: float | None
-    variance: float | None
-    basis: str | None
-    budget: str | None
-    sink: int | None
-    group: str | None
+class Result(MethodRecord):
     perplexity: float
     nll: float
     tokens: int

@@ -36,6 +36,21 @@ DIM_SCANNERS = peers.DIM_SCANNERS
 
 
 @dataclass(frozen=True)
+class MethodRecord:
+    """The method's fields that lead every record of a results file (eval --ppl's and --tasks'),
+    as `MethodSpec.fields` fills them (with `page`, which each record places itself)."""
+
+    method: str
+    kf: float | None
+    df: float | None
+    variance: float | None
+    basis: str | None
+    budget: str | None
+    sink: int | None
+    group: str | None
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One point of an evaluation: a method, and (for every method but `full`) its Loki settings."""
 
