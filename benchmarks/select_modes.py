@@ -81,7 +81,7 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> di
         "sdpa_ms": time_ms(sdpa, device)[1], "sdpa_plain_ms": time_ms(sdpa, device, graph=False)[1],
     }
     want = exact_mask(scores, lengths, budgets)
-    for mode in ("row", "split"):
+    for mode in ("row", "split", "pivot"):
         if mode == "row" and s > 16384:
             continue
         os.environ["LOKITOOL_SELECT"] = mode
@@ -118,7 +118,7 @@ def main() -> None:
             print(f"{spec}: skipped, out of GPU memory")
             continue
         results.append(r)
-        for mode in ("row", "split"):
+        for mode in ("row", "split", "pivot"):
             if mode in r:
                 m = r[mode]
                 print(f"{spec:34} {r['auto']:5} {r['sdpa_ms']:8.4f} | {mode:5} {m['select_ms']:7.4f} {m['decode_ms']:7.4f} "

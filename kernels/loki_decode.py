@@ -21,8 +21,8 @@ captured in a CUDA graph.
 Host cost: a decode step also runs outside a CUDA graph (eager decoding, a server's first steps),
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
-every stage, and a record of its launches (four; seven when the selection runs split, on rows
-longer than 16384 tokens: select.py) (compiled kernel, grid, arguments; _common.Recorded),
+every stage, and a record of its launches (four; six when the selection runs in pivot mode, on
+rows longer than 16384 tokens, seven in radix "split" mode: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
 tensors swapped in: a key lookup, one allocation (the output) and the launches. The last MAX_PLANS

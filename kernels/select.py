@@ -21,7 +21,8 @@ prefix fixed so far and adds the nonzero bins into the row's histogram; the next
 holding the k-th key from it. The last pass also stores, per chunk, its keys above the 24-bit bucket
 and the suffix sums of its histogram, so the write pass (a program per chunk again) knows from the
 threshold alone how many tokens earlier chunks keep, ties included. Five launches, each reading the
-row's scores (in L2 by then) once.
+row's scores (in L2 by then) once. Pivot mode (select_pivot.py) brackets the k-th key from a sorted
+sample of the row and reads the row twice instead; choose_mode picks it where there are many keys.
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
@@ -33,12 +34,15 @@ in float64, as the oracle's token_budget computes them, in one launch instead of
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
 
+from . import select_pivot
 from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
+from .select_keys import _kth_key, _load_keys, _prefix_rank, _write_chunk
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -47,57 +51,6 @@ ROW_WRITTEN = tl.constexpr(2147483647)  # threshold slot of a row its own progra
 
 # ----------------------------------------------------------------------------------------------
 # JIT helpers
-
-
-@triton.jit
-def _ordered_key(x):
-    """float32 -> int32 with the same order under signed comparison: sign-magnitude bits to two's
-    complement, so -0.0 and +0.0 both map to 0 (they tie, as floats compare)."""
-    i = x.to(tl.int32, bitcast=True)
-    return tl.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-
-@triton.jit
-def _load_keys(row_ptr, offs, n):
-    """Keys at token offsets `offs` (any shape); INT32_MIN, below every real key, past n."""
-    valid = offs < n
-    x = tl.load(row_ptr + offs, mask=valid, other=0.0)
-    return tl.where(valid, _ordered_key(x), -2147483648)
-
-
-@triton.jit
-def _popcount(x):
-    """Set bits of int32 x (SWAR; arithmetic shifts are masked, so negative x works)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24) & 0x3F
-
-
-@triton.jit
-def _prefix_rank(mask, GROUP: tl.constexpr):
-    """mask [NG, GROUP] (tokens in row-major order) -> int32 [NG, GROUP]: how many True come first;
-    also returns the total."""
-    lane = tl.arange(0, GROUP).to(tl.int64)
-    bit = (tl.full([GROUP], 1, tl.int64) << lane).to(tl.int32)  # lane 31 -> sign bit
-    below = ((tl.full([GROUP], 1, tl.int64) << lane) - 1).to(tl.int32)
-    bits = tl.sum(tl.where(mask, bit[None, :], 0), axis=1)  # [NG] the group's mask (distinct bits: sum = or)
-    counts = _popcount(bits)
-    before = tl.cumsum(counts, axis=0) - counts  # [NG] kept in earlier groups
-    return before[:, None] + _popcount(bits[:, None] & below[None, :]), tl.sum(counts, axis=0)
-
-
-@triton.jit
-def _kth_key(keys, kk, lo, hi):
-    """A threshold t in [lo, hi] with #(keys >= t) = kk if one exists, else the kk-th largest key,
-    given #(keys >= lo) >= kk and that it lies in [lo, hi] (padding keys are INT32_MIN). lo, hi int64."""
-    while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        count = tl.sum(tl.where(keys >= mid.to(tl.int32), 1, 0))
-        ok = count >= kk
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(count == kk, mid, tl.where(ok, hi, mid - 1))
-    return lo.to(tl.int32)
 
 
 @triton.jit
@@ -218,45 +171,49 @@ def _write_kernel(
 
 
 # Split selection: one row over many programs (a grid of chunks x rows), for rows too few to fill the
-# card (batch 1) and rows longer than the register tile. Four radix passes of 8 bits find the row's
-# k-th largest key exactly: each pass histograms the chunk's keys whose higher digits match the
-# prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
-# holding the k-th key from it. Past the first pass few keys match the prefix, and a chunk with few
-# adds them by an atomic each instead of a block histogram. The scores of a row sit in L2 between passes.
+# card (batch 1) and rows longer than the register tile. Radix passes over the row's int32 keys, most
+# significant digit first (digit widths `DIGITS`, summing to 32), find its k-th largest key exactly:
+# each pass histograms the chunk's keys whose higher digits match the prefix fixed so far and adds the
+# nonzero bins into the row's histogram; the next pass picks the bin holding the k-th key from it.
+# A float's top 8 bits leave ~28% of a row's scores in the k-th key's bucket (sign and 7 of 8 exponent
+# bits), so two passes histogram large buckets; wider digits would save a pass, but tl.histogram's cost
+# grows with its bins: on an H200 (benchmarks/select_profile.py, B=16 x 40 rows of 131072) a 12-bit first
+# pass took 6.2 ms against 0.35 ms for 8 bits. Past the second pass few keys match the prefix, and a chunk
+# with few adds them by an atomic each instead of a block histogram. select_pivot.py reads a row twice
+# instead of five times. The scores of a row sit in L2 between passes where they fit.
 
-NPASS = tl.constexpr(4)
 SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
 
 
 @triton.jit
-def _radix_digit(keys, PASS: tl.constexpr):
-    """The PASS-th 8-bit digit of int32 keys, most significant first (pass 0 signed, shifted to 0..255).
-    Within equal higher digits, lower digits order as the keys do (two's complement)."""
+def _radix_digit(keys, PASS: tl.constexpr, SHIFT: tl.constexpr, NB: tl.constexpr):
+    """The digit of pass PASS: the NB-bin field of int32 keys above their SHIFT low bits (pass 0 signed,
+    shifted to 0..NB-1). Within equal higher digits, lower digits order as the keys do (two's complement)."""
     if PASS == 0:
-        digit = (keys >> 24) + 128
+        digit = (keys >> SHIFT) + NB // 2
     else:
-        digit = (keys >> (24 - 8 * PASS)) & 255
+        digit = (keys >> SHIFT) & (NB - 1)
     return digit
 
 
 @triton.jit
-def _radix_descend(hist_ptr, state_ptr, kk, PASS: tl.constexpr, NB: tl.constexpr):
-    """(prefix, remaining) after the digit of pass PASS: the key's top 8 x (PASS + 1) bits (signed, as
-    `keys >> shift` gives them) and how many of the kk largest keys lie in that bucket. Pass 0 starts
-    from the whole row; later passes continue from what the pass after the previous one stored in
-    state_ptr (slot PASS - 1)."""
-    if PASS == 0:
+def _radix_descend(hist_ptr, state_ptr, kk, Q: tl.constexpr, Q_OFF: tl.constexpr, Q_NB: tl.constexpr):
+    """(prefix, remaining) after the digit of pass Q (its NB bins at Q_OFF of the row's histograms):
+    the key's digits up to and including Q (signed, as `keys >> shift` gives them) and how many of the kk
+    largest keys lie in that bucket. Pass 0 starts from the whole row; later passes continue from what
+    the pass after the previous one stored in state_ptr (slot Q - 1)."""
+    if Q == 0:
         prefix = kk * 0
         remaining = kk
     else:
-        prefix = tl.load(state_ptr + 2 * (PASS - 1))
-        remaining = tl.load(state_ptr + 2 * (PASS - 1) + 1)
-    hist = tl.load(hist_ptr + PASS * NB + tl.arange(0, NB))
-    digit, above, _ = _pick_bin(hist, remaining, NB)
-    if PASS == 0:
-        prefix = digit - 128
+        prefix = tl.load(state_ptr + 2 * (Q - 1))
+        remaining = tl.load(state_ptr + 2 * (Q - 1) + 1)
+    hist = tl.load(hist_ptr + Q_OFF + tl.arange(0, Q_NB))
+    digit, above, _ = _pick_bin(hist, remaining, Q_NB)
+    if Q == 0:
+        prefix = digit - Q_NB // 2
     else:
-        prefix = (prefix << 8) | digit
+        prefix = prefix * Q_NB + digit  # (prefix << width) | digit
     return prefix, remaining - above
 
 
@@ -265,14 +222,17 @@ def _radix_kernel(
     scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr,
     stride_sb, stride_sr,
     num_rows, nch,
-    PASS: tl.constexpr, CH: tl.constexpr, NB: tl.constexpr,
+    PASS: tl.constexpr, NPASS: tl.constexpr, SHIFT: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr,
+    P_SHIFT: tl.constexpr, P_NB: tl.constexpr, P_OFF: tl.constexpr, Z_OFF: tl.constexpr, Z_SIZE: tl.constexpr,
+    Z_BLOCK: tl.constexpr, HIST_ROW: tl.constexpr, CH: tl.constexpr,
 ):
-    """Pass PASS (0..3) of the radix search over one chunk of one row. Program 0 of a row stores the
-    bucket it read from the previous pass (state slot PASS - 1: later passes need not read that
-    histogram again) and keeps the scratch clean for the next call: pass 0 zeroes the histograms of
-    passes 1-3, pass p >= 2 that of pass p - 2 (no reader left). The last pass also stores, per chunk,
-    its keys above the 24-bit bucket and the suffix sums of its histogram, so the write pass knows each
-    chunk's offset from the final digit alone."""
+    """Pass PASS of NPASS of the radix search over one chunk of one row: its digit is the NB-bin field
+    above SHIFT bits, its histogram at OFF of the row's HIST_ROW ints (P_*: the previous pass's).
+    Program 0 of a row stores the bucket it read from the previous pass (state slot PASS - 1: later passes
+    need not read that histogram again) and keeps the scratch clean for the next call: it zeroes Z_SIZE
+    ints at Z_OFF (pass 0: every later pass's histogram; pass p >= 2: pass p - 2's, which has no reader
+    left). The last pass also stores, per chunk, its keys above the last digit's bucket and the suffix
+    sums of its histogram, so the write pass knows each chunk's offset from the final digit alone."""
     c = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // num_rows).to(tl.int64)
@@ -282,44 +242,40 @@ def _radix_kernel(
     if start < n:
         kk = tl.load(budgets_ptr + b)
         bins = tl.arange(0, NB)
-        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
+        row_hist = hist_ptr + pid.to(tl.int64) * HIST_ROW
         row_state = state_ptr + pid.to(tl.int64) * 2 * NPASS
         offs = start + tl.arange(0, CH)
         valid = offs < n
         keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, offs, n)
         prefix = kk * 0
         if PASS > 0:
-            prefix, remaining = _radix_descend(row_hist, row_state, kk, PASS - 1, NB)
+            prefix, remaining = _radix_descend(row_hist, row_state, kk, PASS - 1, P_OFF, P_NB)
             if c == 0:
                 two = tl.arange(0, 2)
                 tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
         if PASS == 0:
             match = valid
         else:  # keys whose digits above this pass equal the prefix
-            match = valid & ((keys >> (32 - 8 * PASS)) == prefix)
-        digit = _radix_digit(keys, PASS)
+            match = valid & ((keys >> P_SHIFT) == prefix)
+        digit = _radix_digit(keys, PASS, SHIFT, NB)
         n_match = tl.sum(tl.where(match, 1, 0), axis=0)
         hist = tl.zeros([NB], tl.int32)
         if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
             hist = tl.histogram(digit, NB, mask=match)
-            tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
-        elif PASS < NPASS - 1:  # few (the usual case past pass 1): an atomic per key, no histogram
-            tl.atomic_add(row_hist + PASS * NB + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
+            tl.atomic_add(row_hist + OFF + bins, hist, mask=hist > 0, sem="relaxed")
+        elif PASS < NPASS - 1:  # few (the usual case past pass 0): an atomic per key, no histogram
+            tl.atomic_add(row_hist + OFF + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
         else:  # the last pass needs this chunk's histogram too (its suffix sums)
             if n_match > 0:
                 hist = tl.histogram(digit, NB, mask=match)
-                tl.atomic_add(row_hist + PASS * NB + bins, hist, mask=hist > 0, sem="relaxed")
-        if c == 0:
-            zeros = tl.zeros([NB], tl.int32)
-            if PASS == 0:
-                for p in tl.static_range(1, NPASS):
-                    tl.store(row_hist + p * NB + bins, zeros)
-            else:
-                if PASS >= 2:
-                    tl.store(row_hist + (PASS - 2) * NB + bins, zeros)
+                tl.atomic_add(row_hist + OFF + bins, hist, mask=hist > 0, sem="relaxed")
+        if Z_SIZE > 0:
+            if c == 0:
+                zo = tl.arange(0, Z_BLOCK)
+                tl.store(row_hist + Z_OFF + zo, tl.zeros([Z_BLOCK], tl.int32), mask=zo < Z_SIZE)
         if PASS == NPASS - 1:
             chunk = pid.to(tl.int64) * nch + c
-            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> 8) > prefix), 1, 0), axis=0))
+            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> P_SHIFT) > prefix), 1, 0), axis=0))
             at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] keys of the bucket with digit >= bin
             tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
 
@@ -329,11 +285,12 @@ def _radix_write_kernel(
     scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr, idx_ptr,
     stride_sb, stride_sr, stride_ib, stride_ir,
     num_rows, nch,
-    CH: tl.constexpr, NB: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
+    NPASS: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr, HIST_ROW: tl.constexpr,
+    CH: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
 ):
     """The kept tokens of one chunk, in token order, at the chunk's offset in the row's list: keys
     above the threshold, then keys equal to it while the row's ties taken so far (earlier chunks
-    first) stay below the number needed."""
+    first) stay below the number needed. NB, OFF: the last pass's bins and histogram offset."""
     c = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // num_rows).to(tl.int64)
@@ -342,13 +299,13 @@ def _radix_write_kernel(
     start = c * CH
     if start < n:
         kk = tl.load(budgets_ptr + b)
-        row_hist = hist_ptr + pid.to(tl.int64) * NPASS * NB
-        thr, need = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 2 * NPASS, kk, NPASS - 1, NB)
+        row_hist = hist_ptr + pid.to(tl.int64) * HIST_ROW
+        thr, need = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 2 * NPASS, kk, NPASS - 1, OFF, NB)
         low = thr & (NB - 1)  # the last digit of the threshold
         chunks = tl.arange(0, NCH_PAD)
         earlier = chunks < c
         base = pid.to(tl.int64) * nch + chunks
-        ge = tl.load(suffix_ptr + base * NB + low, mask=earlier, other=0)  # keys of the 24-bit bucket >= thr
+        ge = tl.load(suffix_ptr + base * NB + low, mask=earlier, other=0)  # keys of the last bucket >= thr
         gt_low = tl.load(suffix_ptr + base * NB + low + 1, mask=earlier & (chunks * 0 + low < NB - 1), other=0)
         above = tl.load(gt_ptr + base, mask=earlier, other=0) + gt_low
         ties_before = tl.sum(ge - gt_low, axis=0)
@@ -361,15 +318,7 @@ def _radix_write_kernel(
 
         tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CH / GROUP, GROUP]
         keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
-        if ties_before + ties_here <= need:  # every tie here is kept (or there is none)
-            keep = keys >= thr
-        elif ties_before >= need:  # none is
-            keep = keys > thr
-        else:  # the chunk where the kept ties run out: rank them
-            tie_rank, _ = _prefix_rank(keys == thr, GROUP)
-            keep = (keys > thr) | ((keys == thr) & (ties_before + tie_rank < need))
-        pos, _ = _prefix_rank(keep, GROUP)
-        tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
+        _write_chunk(keys, tokens, thr, need, ties_before, ties_here, idx_ptr + b * stride_ib + r * stride_ir + offset, GROUP)
 
 
 _SELECT = Pinned(_select_kernel)
@@ -378,9 +327,34 @@ _SELECT = Pinned(_select_kernel)
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-RADIX_BINS = 256  # bins of each of the 4 radix passes (8-bit digits)
-RADIX_PASSES = 4
-MODES = ("auto", "row", "split")
+DIGITS = (8, 8, 8, 8)  # bits per radix pass, most significant first (benchmarks/select_profile.py: wider digits cost more in tl.histogram than the pass they save)
+
+
+def radix_passes(digits: tuple[int, ...] = DIGITS) -> list[dict]:
+    """Each pass's constants for _radix_kernel: its digit (SHIFT low bits below it, NB bins), where its
+    histogram sits in the row's (OFF), the previous pass's, and what its program 0 zeroes."""
+    assert sum(digits) == 32 and all(1 <= w <= 12 for w in digits) and digits[-1] <= 10, digits
+    offs = [sum(1 << w for w in digits[:p]) for p in range(len(digits) + 1)]
+    row = offs[-1]
+    passes = []
+    for p, w in enumerate(digits):
+        shift = 32 - sum(digits[: p + 1])
+        if p == 0:
+            z_off, z_size = offs[1], row - offs[1]  # every later pass's histogram
+        elif p >= 2:
+            z_off, z_size = offs[p - 2], 1 << digits[p - 2]
+        else:
+            z_off, z_size = 0, 0
+        prev = passes[-1] if passes else dict(SHIFT=32, NB=1, OFF=0)
+        passes.append(dict(
+            PASS=p, NPASS=len(digits), SHIFT=shift, NB=1 << w, OFF=offs[p], P_SHIFT=prev["SHIFT"], P_NB=prev["NB"],
+            P_OFF=prev["OFF"], Z_OFF=z_off, Z_SIZE=z_size, Z_BLOCK=pow2(max(z_size, 1)), HIST_ROW=row,
+        ))
+    return passes
+
+
+MODES = ("auto", "row", "split", "pivot")
+PIVOT_MIN_KEYS = 1 << 22  # choose_mode: pivot past the register tile once rows x tokens reach this
 
 
 def split_chunk(s: int) -> int:
@@ -391,19 +365,31 @@ def split_chunk(s: int) -> int:
     return 2048 if s <= 32768 else 4096
 
 
+def split_warps(chunk: int) -> int:
+    return 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
+
+
 def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
-    """"split" (a row over many programs) for rows longer than the register tile, "row" (a program
-    per row) otherwise. On an H200 (benchmarks/select_modes.py, llama2-13b / llama3-8b shapes, kf 0.25)
+    """"row" (a program per row) for rows that fit the register tile; longer rows over many programs:
+    "pivot" (select_pivot.py) where rows x tokens reach PIVOT_MIN_KEYS, "split" (radix passes) otherwise.
+    On an H200 (benchmarks/select_modes.py and select_profile.py, llama2-13b / llama3-8b shapes, kf 0.25):
     the row kernel was faster wherever it can run, batch 1 included (40 rows on 132 multiprocessors):
     select 17 vs 25 us at 4k, 29 vs 36 us at 16k; at 16k batch 16, 33 vs 66 us (128 rows, group kv)
-    and 98 vs 253 us (640 rows). The split mode's five dependent launches cost more than the idle
-    multiprocessors gain. LOKITOOL_SELECT=row|split forces one where both can run (benchmarks)."""
+    and 98 vs 253 us (640 rows). Past the tile, pivot's row sample (a sort of 2048 keys, ~0.03 ms a wave of
+    rows) pays off once there are PIVOT_MIN_KEYS keys to select from in all (benchmarks/select_profile.py):
+    640 rows of 131072 tokens, 0.86 ms against 1.62 for the radix passes; 40 x 131072 (batch 1), 0.098
+    against 0.119; 8 x 131072 (batch 1, group kv), 0.058 against 0.040. Its candidates fit up to
+    select_pivot.MAX_TOKENS a row; longer rows go to split.
+    LOKITOOL_SELECT=row|split|pivot forces a mode (row only where it can run; benchmarks)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
         raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
-    if s > pow2(block_cap, 128):
-        return "split"  # the row kernel holds whole rows only
-    return "row" if forced == "auto" else forced
+    fits = s <= pow2(block_cap, 128)  # the row kernel holds whole rows only
+    if forced == "auto" or (forced == "row" and not fits):
+        if fits:
+            return "row"
+        return "pivot" if s <= select_pivot.MAX_TOKENS and total_rows * s >= PIVOT_MIN_KEYS else "split"
+    return forced
 
 
 def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
@@ -414,11 +400,14 @@ def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
 class SelectPlan:
     """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
     holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
-    tokens, a program each (radix histograms [B x R, RADIX_PASSES, RADIX_BINS], kept zero between calls;
-    per-row state; per-chunk counts and suffix sums)."""
+    tokens, a program each, radix passes of `digits` bits (histograms [B x R, sum of 2^digit bins],
+    kept zero between calls; per-row state; per-chunk counts and suffix sums of the last digit)."""
 
-    def __init__(self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP, chunk: int | None = None):
-        assert mode in ("row", "split"), mode
+    def __init__(
+        self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP,
+        chunk: int | None = None, digits: tuple[int, ...] = DIGITS, cap: int | None = None, sample: int = select_pivot.SAMPLE,
+    ):
+        assert mode in ("row", "split", "pivot"), mode
         self.mode = mode
         i32 = dict(dtype=torch.int32, device=device)
         if mode == "row":
@@ -426,50 +415,89 @@ class SelectPlan:
             assert s <= self.block, (s, self.block)
             nch = max(1, self.block // WRITE_CHUNK)
             self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
+        elif mode == "pivot":
+            self.chunk = chunk or split_chunk(s)
+            self.nch = triton.cdiv(s, self.chunk)
+            self.cap = cap or select_pivot.candidate_cap(s, sample)
+            self.sample = sample
+            self.ws = {
+                "state": torch.empty(b * rows * select_pivot.STATE.value, **i32),
+                "gt": torch.empty(b * rows * self.nch, **i32),
+                "above": torch.empty(b * rows * self.nch, **i32),
+                "ties": torch.empty(b * rows * self.nch, **i32),
+                "cand_key": torch.empty(b * rows * self.cap, **i32),
+                "cand_tok": torch.empty(b * rows * self.cap, **i32),
+            }
         else:
             self.chunk = chunk or split_chunk(s)
             assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
             self.nch = triton.cdiv(s, self.chunk)
+            self.passes = radix_passes(digits)
+            last = self.passes[-1]
             self.ws = {
-                "hist": torch.zeros(b * rows * RADIX_PASSES * RADIX_BINS, **i32),  # zero on entry: each call leaves it so
-                "state": torch.empty(b * rows * 2 * RADIX_PASSES, **i32),
+                "hist": torch.zeros(b * rows * last["HIST_ROW"], **i32),  # zero on entry: each call leaves it so
+                "state": torch.empty(b * rows * 2 * len(digits), **i32),
                 "gt": torch.empty(b * rows * self.nch, **i32),
-                "suffix": torch.empty(b * rows * self.nch * RADIX_BINS, **i32),
+                "suffix": torch.empty(b * rows * self.nch * last["NB"], **i32),
             }
 
 
 def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
+    for step in _steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan):
+        step()
+
+
+def _steps(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> list:
+    """The selection's launches in order, each a callable (benchmarks/select_profile.py times them one by one)."""
     b, rows, s = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(-1) == 1
     assert lengths.shape == (b,) and budgets.shape == (b,) and lengths.dtype == budgets.dtype == torch.int32
     assert idx.shape[:2] == (b, rows) and idx.dtype == torch.int32 and idx.stride(-1) == 1
     strides = dict(stride_sb=scores.stride(0), stride_sr=scores.stride(1))
+    out = dict(idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1))
+    ws = plan.ws
+    if plan.mode == "pivot":
+        per_row, per_chunk = (b * rows,), (plan.nch, b * rows)
+        common = dict(scores_ptr=scores, lengths_ptr=lengths, state_ptr=ws["state"], **strides, num_rows=rows)
+        sized = dict(nch=plan.nch, CH=plan.chunk)
+        cands = dict(cand_key_ptr=ws["cand_key"], cand_tok_ptr=ws["cand_tok"], CAP=plan.cap)
+        counts = dict(above_ptr=ws["above"], ties_ptr=ws["ties"], NCH_PAD=pow2(plan.nch))
+        warps = split_warps(plan.chunk)
+        return [
+            partial(launch, select_pivot._sample_kernel, per_row, **common, budgets_ptr=budgets, M=plan.sample,
+                    MARGIN_SD=select_pivot.MARGIN, num_warps=8),
+            partial(launch, select_pivot._compact_kernel, per_chunk, **common, **sized, **cands, gt_ptr=ws["gt"], GROUP=GROUP,
+                    num_warps=warps),
+            partial(launch, select_pivot._resolve_kernel, per_row, **common, **sized, **cands, **counts, budgets_ptr=budgets,
+                    gt_ptr=ws["gt"], num_warps=min(16, max(4, plan.cap // 1024))),
+            partial(launch, select_pivot._pivot_write_kernel, per_chunk, **common, **sized, **counts, **out, GROUP=GROUP,
+                    num_warps=warps),
+        ]
     if plan.mode == "split":
-        ws = plan.ws
-        assert ws["hist"].numel() == b * rows * RADIX_PASSES * RADIX_BINS and ws["suffix"].numel() == b * rows * plan.nch * RADIX_BINS
+        last = plan.passes[-1]
+        assert ws["hist"].numel() == b * rows * last["HIST_ROW"] and ws["suffix"].numel() == b * rows * plan.nch * last["NB"]
         common = dict(
             scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], state_ptr=ws["state"],
-            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk, NB=RADIX_BINS,
+            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk,
         )
-        warps = 8 if plan.chunk >= 2048 else 4
-        for p in range(RADIX_PASSES):
-            launch(_radix_kernel, (plan.nch, b * rows), **common, PASS=p, num_warps=warps)
-        launch(
-            _radix_write_kernel, (plan.nch, b * rows), **common, idx_ptr=idx, stride_ib=idx.stride(0), stride_ir=idx.stride(1),
-            NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=warps,
-        )
-        return
+        warps = split_warps(plan.chunk)
+        grid = (plan.nch, b * rows)
+        return [partial(launch, _radix_kernel, grid, **common, **p, num_warps=warps) for p in plan.passes] + [
+            partial(launch, _radix_write_kernel, grid, **common, **out, NPASS=last["NPASS"], NB=last["NB"], OFF=last["OFF"],
+                    HIST_ROW=last["HIST_ROW"], NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=warps),
+        ]
     block = plan.block
     nch = max(1, block // WRITE_CHUNK)
-    thr, counts = plan.ws["thr"], plan.ws["counts"]
     assert block == triton.next_power_of_2(block) and block >= 128 and s <= block, (block, s)
-    assert thr.numel() == b * rows and counts.numel() == b * rows * nch
+    assert ws["thr"].numel() == b * rows and ws["counts"].numel() == b * rows * nch
     common = dict(
-        scores_ptr=scores, lengths_ptr=lengths, idx_ptr=idx, thr_ptr=thr, counts_ptr=counts, **strides,
-        stride_ib=idx.stride(0), stride_ir=idx.stride(1), num_rows=rows, BLOCK=block, GROUP=GROUP, NCH=nch,
+        scores_ptr=scores, lengths_ptr=lengths, thr_ptr=ws["thr"], counts_ptr=ws["counts"], **strides, **out,
+        num_rows=rows, BLOCK=block, GROUP=GROUP, NCH=nch,
     )
-    _SELECT.launch((b * rows,), (), budgets_ptr=budgets, **common)
-    launch(_write_kernel, (nch, b * rows), **common, num_warps=4)
+    return [
+        partial(_SELECT.launch, (b * rows,), (), budgets_ptr=budgets, **common),
+        partial(launch, _write_kernel, (nch, b * rows), **common, num_warps=4),
+    ]
 
 
 def _launch_budgets(*, lengths: torch.Tensor, budgets: torch.Tensor, kf: float) -> None:
@@ -500,23 +528,26 @@ def tile(s: int, block_cap: int = DEFAULT_BLOCK_CAP) -> int:
 
 def select_topk(
     scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP,
-    mode: str = "auto", chunk: int | None = None,
+    mode: str = "auto", chunk: int | None = None, cap: int | None = None,
 ) -> torch.Tensor:
     """Kept token indices [B, R, kmax] int32 of scores [B, R, S]: row (b, r) lists its budgets[b]
     largest-scoring tokens among the first lengths[b], ascending; entries past budgets[b] are undefined.
-    mode "row" (a program per row, rows up to block_cap), "split" (chunks of `chunk` tokens over many
-    programs) or "auto" (choose_mode)."""
+    mode "row" (a program per row, rows up to block_cap), "split" (radix passes over chunks of `chunk`
+    tokens, many programs a row), "pivot" (select_pivot.py: a sampled bracket, candidates compacted into
+    `cap` slots a row) or "auto" (choose_mode)."""
     b, rows, s = scores.shape
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
-    if mode == "auto" or s > pow2(block_cap, 128):
-        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap) if mode == "auto" else "split"
+    if mode == "auto":
+        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap)
+    elif mode == "row" and s > pow2(block_cap, 128):
+        mode = "split"
     if lengths.dtype != torch.int32:
         lengths = lengths.to(torch.int32)
     if budgets.dtype != torch.int32:
         budgets = budgets.to(torch.int32)
-    plan = SelectPlan(b, rows, s, scores.device, mode=mode, block_cap=block_cap, chunk=chunk)
+    plan = SelectPlan(b, rows, s, scores.device, mode=mode, block_cap=block_cap, chunk=chunk, cap=cap)
     _launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
     return idx
 

@@ -103,6 +103,60 @@ def test_split_selection_is_exact_topk(kind, kf):
     assert_exact_topk(idx, scores, lengths, budgets)
 
 
+@pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
+@pytest.mark.parametrize("kf,cap", [(1e-4, 512), (0.3, 512), (1.0, 512), (0.3, 16)], ids=["k=1", "kf=.3", "k=length", "kf=.3-overflows"])
+def test_pivot_selection_is_exact_topk(kind, kf, cap):
+    """Pivot mode (select_pivot.py; chunks of 64 tokens, ragged lengths as above, a 256-key sample) against
+    exact top-k: with room for every candidate, and with 16 slots, where most rows overflow and take the
+    whole-row fallback. One plan over all kinds, as loki_decode reuses it."""
+    from lokitool.kernels import select
+
+    s = 300
+    lengths = torch.tensor([300, 1, 256, 129], dtype=torch.int32)
+    scores = _scores_of(kind, (4, 2, s), seed=len(kind) + 2)
+    budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
+    plan = select.SelectPlan(4, 2, s, DEVICE, mode="pivot", chunk=64, cap=cap, sample=256)
+    idx = torch.empty(4, 2, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+    select._launch(scores=scores.to(DEVICE), lengths=lengths.to(DEVICE), budgets=budgets.to(DEVICE), idx=idx, plan=plan)
+    assert_exact_topk(idx, scores, lengths, budgets)
+
+
+@pytest.mark.parametrize("digits", [(8, 8, 8, 8), (12, 12, 8), (11, 11, 10)])
+def test_radix_digit_widths(digits):
+    """The radix passes at other digit widths (what benchmarks/select_profile.py compares) keep the
+    exact top-k too, over the score kinds that stress each pass (ties, a single binade, extremes)."""
+    from lokitool.kernels import select
+
+    s, kf = 300, 0.3
+    lengths = torch.tensor([300, 1, 256], dtype=torch.int32, device=DEVICE)
+    budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
+    plan = select.SelectPlan(3, 2, s, DEVICE, mode="split", chunk=64, digits=digits)
+    for kind in ("random", "one-binade", "few-values", "extreme"):
+        scores = _scores_of(kind, (3, 2, s), seed=3)
+        idx = torch.empty(3, 2, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+        select._launch(scores=scores.to(DEVICE), lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+        assert_exact_topk(idx, scores, lengths.cpu(), budgets.cpu())
+
+
+def test_pivot_bracket_holds_the_threshold():
+    """On smooth scores the sampled bracket holds the k-th key and the candidates fit, so the pivot mode's
+    fast path (not its whole-row fallback) made the result: few candidates, threshold inside [lo, hi]."""
+    from lokitool.kernels import select, select_pivot
+
+    b, rows, s, kf = 2, 3, 2048, 0.25
+    lengths = torch.tensor([2048, 1500], dtype=torch.int32, device=DEVICE)
+    budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
+    scores = _scores_of("random", (b, rows, s), seed=11)
+    plan = select.SelectPlan(b, rows, s, DEVICE, mode="pivot", chunk=256, sample=512)
+    idx = torch.empty(b, rows, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+    select._launch(scores=scores.to(DEVICE), lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+    assert_exact_topk(idx, scores, lengths.cpu(), budgets.cpu())
+    state = plan.ws["state"].view(b * rows, select_pivot.STATE.value).cpu()
+    lo, hi, count, thr = state[:, 0], state[:, 1], state[:, 2], state[:, 3]
+    assert bool(((lo <= thr) & (thr <= hi)).all()), state[:, :4].tolist()
+    assert bool((count <= plan.cap).all()) and bool((count < lengths.cpu().repeat_interleave(rows) // 4).all()), count.tolist()
+
+
 def test_split_selection_reuses_its_scratch():
     """One SelectPlan over several calls (as loki_decode's plans run it): the radix histograms must
     come back to zero after each call, whatever the previous call's rows were. NaN scores (a key above
@@ -125,8 +179,9 @@ def test_split_selection_reuses_its_scratch():
         assert torch.equal(got, kept_mask(row_mode, budgets, s).cpu()), kind
         if kind != "nan":
             assert torch.equal(got, stable_topk_mask(scores, lengths.cpu(), budgets.cpu())), kind
-    hist = plan.ws["hist"].view(b * rows, select.RADIX_PASSES, -1)
-    assert int(hist[:, :2].abs().sum()) == 0  # passes 0 and 1 clear their histograms within the call
+    hist = plan.ws["hist"].view(b * rows, -1)
+    cleared = plan.passes[-3]  # pass p's histogram is cleared by pass p + 2 within the call
+    assert int(hist[:, : cleared["OFF"] + cleared["NB"]].abs().sum()) == 0
 
 
 @pytest.mark.skipif(not ON_GPU, reason="decode-scale rows: minutes on the interpreter")
@@ -158,3 +213,24 @@ def test_select_at_decode_scale(mode, group_sum):
     want = stable_topk_mask(scores, lengths, budgets)
     bad_rows = (got != want).any(-1).nonzero().tolist()
     assert not bad_rows, f"{len(bad_rows)} rows differ from exact top-k, first (b, r): {bad_rows[:8]}"
+
+
+def test_choose_mode_by_row_length_and_work(monkeypatch):
+    """Rows that fit the register tile go to the row kernel; longer ones to pivot where there are many
+    keys in all and the candidates fit, else to the radix passes; LOKITOOL_SELECT forces a mode, except
+    row where it cannot hold the row; an unknown name is refused."""
+    from lokitool.kernels import select
+
+    monkeypatch.delenv("LOKITOOL_SELECT", raising=False)
+    assert select.choose_mode(640, 16384, 132) == "row"
+    assert select.choose_mode(640, 32768, 132) == "pivot"
+    assert select.choose_mode(40, 131072, 132) == "pivot"
+    assert select.choose_mode(8, 131072, 132) == "split"  # batch 1, group kv: too few keys for the sample to pay
+    assert select.choose_mode(640, 262144, 132) == "split"  # past select_pivot.MAX_TOKENS
+    monkeypatch.setenv("LOKITOOL_SELECT", "split")
+    assert select.choose_mode(640, 4096, 132) == "split"
+    monkeypatch.setenv("LOKITOOL_SELECT", "row")
+    assert select.choose_mode(640, 32768, 132) == "pivot"
+    monkeypatch.setenv("LOKITOOL_SELECT", "fast")
+    with pytest.raises(ValueError, match="LOKITOOL_SELECT"):
+        select.choose_mode(1, 100, 132)
