@@ -49,11 +49,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    compiled = not any(r.get("compiled") != "True" for r in rows)  # plot the plain rows, or the compiled ones if there are no others
     panels: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        if r.get("compiled") != "True":
+        if (r.get("compiled") == "True") == compiled:
             panels[(r["model"].removeprefix("random-"), r["batch"])].append(r)
     panels = {k: v for k, v in panels.items() if len({r["prompt_len"] for r in v}) > 1}
+    if not panels:
+        print(f"no model and batch with two or more prompt lengths: {path} not written")
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, ((model, batch), prs) in zip(axes[0], sorted(panels.items(), key=lambda kv: (kv[0][0], int(kv[0][1])))):
         series = sorted({(r["method"], r["group"]) for r in prs}, key=lambda mg: (GRAPH.index(mg[0]), mg[1]))
@@ -67,7 +71,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("ms / token")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{model}, batch {batch}")
+        ax.set_title(f"{model}, batch {batch}{' (--compile)' if compiled else ''}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
