@@ -42,7 +42,7 @@ import triton.language as tl
 
 from . import select_pivot
 from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
-from .select_keys import _kth_key, _load_keys, _prefix_rank, _write_chunk
+from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
 DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
 GROUP = 32  # tokens per bit-mask group
@@ -152,13 +152,8 @@ def _write_kernel(
     """Kept tokens (key >= the row's threshold) of one chunk of BLOCK / NCH tokens, written at the
     chunk's offset in the row's list: the kept counts of the earlier chunks (from _select_kernel)
     summed. Many programs per row, so the writes of all rows overlap."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = (pid // num_rows).to(tl.int64)
-    r = pid % num_rows
-    n = tl.load(lengths_ptr + b)
+    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, BLOCK // NCH)
     thr = tl.load(thr_ptr + pid)
-    start = c * (BLOCK // NCH)
     if (n <= BLOCK) & (start < n) & (thr != ROW_WRITTEN):
         chunks = tl.arange(0, NCH)
         counts = tl.load(counts_ptr + pid.to(tl.int64) * NCH + chunks)
@@ -233,12 +228,7 @@ def _radix_kernel(
     ints at Z_OFF (pass 0: every later pass's histogram; pass p >= 2: pass p - 2's, which has no reader
     left). The last pass also stores, per chunk, its keys above the last digit's bucket and the suffix
     sums of its histogram, so the write pass knows each chunk's offset from the final digit alone."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = (pid // num_rows).to(tl.int64)
-    r = pid % num_rows
-    n = tl.load(lengths_ptr + b)
-    start = c * CH
+    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
     if start < n:
         kk = tl.load(budgets_ptr + b)
         bins = tl.arange(0, NB)
@@ -291,12 +281,7 @@ def _radix_write_kernel(
     """The kept tokens of one chunk, in token order, at the chunk's offset in the row's list: keys
     above the threshold, then keys equal to it while the row's ties taken so far (earlier chunks
     first) stay below the number needed. NB, OFF: the last pass's bins and histogram offset."""
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = (pid // num_rows).to(tl.int64)
-    r = pid % num_rows
-    n = tl.load(lengths_ptr + b)
-    start = c * CH
+    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
     if start < n:
         kk = tl.load(budgets_ptr + b)
         row_hist = hist_ptr + pid.to(tl.int64) * HIST_ROW

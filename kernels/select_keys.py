@@ -73,3 +73,13 @@ def _write_chunk(keys, tokens, thr, need, ties_before, ties_here, out_ptr, GROUP
         keep = (keys > thr) | ((keys == thr) & (ties_before + tie_rank < need))
     pos, _ = _prefix_rank(keep, GROUP)
     tl.store(out_ptr + pos, tokens, mask=keep)
+
+
+@triton.jit
+def _chunk_program(lengths_ptr, num_rows, CH: tl.constexpr):
+    """Where a program of a (chunks, rows) grid works: chunk c of selection row pid (sequence b, row r of
+    it, b as int64 for pointer arithmetic), the sequence's length n and the chunk's first token."""
+    c = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // num_rows).to(tl.int64)
+    return c, pid, b, pid % num_rows, tl.load(lengths_ptr + b), c * CH

@@ -26,7 +26,7 @@ import math
 import triton
 import triton.language as tl
 
-from .select_keys import _kth_key, _load_keys, _prefix_rank, _write_chunk
+from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
 SAMPLE = 2048  # keys per row sample: sorting 4096 cost 0.10 ms a wave of rows on an H200, 2048 0.03 ms
 MARGIN = 5.0  # bracket half-width, in standard deviations of the sample rank of the k-th key (a miss: ~6e-7 a row)
@@ -74,12 +74,7 @@ def _compact_kernel(
     stride_sb, stride_sr, num_rows, nch,
     CH: tl.constexpr, CAP: tl.constexpr, GROUP: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = (pid // num_rows).to(tl.int64)
-    r = pid % num_rows
-    n = tl.load(lengths_ptr + b)
-    start = c * CH
+    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
     if start < n:
         row_state = state_ptr + pid.to(tl.int64) * STATE
         lo = tl.load(row_state)
@@ -167,12 +162,7 @@ def _pivot_write_kernel(
     stride_sb, stride_sr, stride_ib, stride_ir, num_rows, nch,
     CH: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    pid = tl.program_id(1)
-    b = (pid // num_rows).to(tl.int64)
-    r = pid % num_rows
-    n = tl.load(lengths_ptr + b)
-    start = c * CH
+    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
     if start < n:
         row_state = state_ptr + pid.to(tl.int64) * STATE
         thr = tl.load(row_state + 3)
