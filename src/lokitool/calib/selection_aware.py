@@ -3,30 +3,31 @@
 PCA and the query-aware fit (query_aware.py) minimise the truncation error of the scores averaged over
 all keys and queries alike; top-k selection only cares about the order of the keys that carry the
 attention. For a sampled query row q over its n visible keys K, exact scores s = q.K, truncated scores
-s~ = (U^T q).(U^T K) and truncation error e = s - s~, the fit minimises the weighted, spread-normalised
-residual
+s~ = (U^T q).(U^T K), truncation error e = s - s~ and exact attention a, the fit minimises
 
-    R(U) = mean over rows of  sum_j w_j (e_j - ebar)^2 / sigma^2,     ebar = sum_j w_j e_j,
+    R(U) = ALPHA x mean over sampled rows of  sum_j a_j (e_j - ebar)^2 / sigma^2     (ebar = sum_j a_j e_j)
+         + (1 - ALPHA) x E(U) / tr(CS),
 
-w = ALPHA x exact attention + (1 - ALPHA) x uniform over the visible keys (the keys attention needs,
-and enough of the rest to keep their order), sigma = the spread (standard deviation) of the row's
-exact scores. A per-row shift of the scores does not change the ranking, hence the centring by ebar.
-R is smooth and sums over every sampled (query, key) pair (a few hundred thousand per head), so it
-over-fits far less than a surrogate of the top-k mass. Riemannian steps on the Stiefel manifold
-(Adam-scaled tangent steps, QR retraction) from the better (by R) of the PCA and query-aware starts.
+sigma = the spread (standard deviation) of the row's exact scores. The first term weighs each key by
+the attention it carries (a per-row shift of the scores does not change the ranking, hence the
+centring by ebar); the second is the query-aware error E(U) = tr((I - P) C (I - P) S) from the
+calibration's full statistics (C, S: every calibration token), which keeps the order of the other keys
+and holds the fit to what a small sample cannot tell. R is smooth; Riemannian steps on the Stiefel
+manifold (Adam-scaled tangent steps, QR retraction) from the better (by R) of the PCA and query-aware starts.
 
-The sample (`SelectionSample`: keys, values and queries after RoPE from a few calibration windows) is
-split by window into fit and held-out halves. On the held-out half each candidate (PCA, query-aware,
-the fit) is measured as Loki would use it, at each budget kf in KF_SET (k = max(1, floor(kf x n)),
-per-row budgets, as eval runs), averaged over rows and budgets:
+The sample (`SelectionSample`: keys, values and queries after RoPE from the first SAMPLE_WINDOWS
+calibration windows; memory L x Hkv x SAMPLE_WINDOWS x seq_len x 2D floats) is split by window into
+fit and held-out halves. On the held-out half each candidate (PCA, query-aware, the fit) is measured as
+Loki uses it, at each budget kf in KF_SET (k = max(1, floor(kf x n)), per-row budgets, as eval runs),
+averaged over rows and budgets:
 
 - output error: ||o~ - o||^2 / ||o||^2, o = sum_j a_j v_j the exact attention output, o~ the output of
   exact attention over the top-k of s~ (what Loki computes);
 - mass: the exact attention that falls on the top-k of s~;
 - recall: the share of the exact top-k (by s) that the top-k of s~ keeps.
 
-The returned subspace is the candidate with the lowest held-out output error (the closest of the three
-to what perplexity sees), so it is never worse than either start there.
+The returned subspace is the candidate with the lowest held-out output error (on SmolLM2 it tracked
+perplexity where mass did not; reports/eval/selection-aware/), so it is never worse than either start there.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ from torch import nn
 
 from .collect import capture
 from .models import ModelFacts, attention_modules
-from .query_aware import one_cpu_thread, orthonormalize
+from .query_aware import one_cpu_thread, orthonormalize, trace_product, truncation_error
 
 KF_SET = (0.125, 0.25)  # budgets the held-out measures average over (the eval settings of issue 18)
-ALPHA = 0.5  # weight of the exact attention (against uniform) in the residual
+ALPHA = 0.5  # weight of the sample's attention-weighted residual (against the query-aware error) in R
 STEPS = 40
 LEARNING_RATE = 0.003
-SAMPLE_WINDOWS = 16  # calibration windows the sample is taken from: half fit, half held out
+SAMPLE_WINDOWS = 32  # calibration windows the sample is taken from: half fit, half held out
 SAMPLE_ROWS = 64  # query positions per window (each with every query head of the KV group)
 CANDIDATES = ("pca", "qa", "sa")  # the order in which ties are broken (the simpler basis wins)
 MEASURES = ("output_error", "mass", "recall")  # held-out, per candidate; the choice minimises the first
@@ -98,13 +99,12 @@ class _Rows:
     visible: torch.Tensor  # [W, R, T] bool
     scores: torch.Tensor  # [W, R, T] exact scores q.k (unscaled)
     attention: torch.Tensor  # [W, R, T] exact softmax over the visible keys
-    weights: torch.Tensor  # [W, R, T] the residual's w (0 on invisible keys, rows sum to 1)
     spread: torch.Tensor  # [W, R, 1] std of the exact scores over the visible keys
     budgets: torch.Tensor  # [F, W, R] int64, k per row for each kf
     output: torch.Tensor  # [W, R, Dv] exact attention output
 
 
-def _rows(sample: HeadSample, kfs: tuple[float, ...], alpha: float = ALPHA) -> _Rows:
+def _rows(sample: HeadSample, kfs: tuple[float, ...]) -> _Rows:
     k, q, v = sample.keys.float(), sample.queries.float(), sample.values.float()
     t = k.shape[1]
     j = torch.arange(t)
@@ -119,8 +119,7 @@ def _rows(sample: HeadSample, kfs: tuple[float, ...], alpha: float = ALPHA) -> _
     mean = (raw * uniform).sum(-1, keepdim=True)
     var = (((raw - mean) ** 2) * uniform).sum(-1, keepdim=True)
     budgets = torch.stack([torch.floor(kf * n.double()).long().clamp_min(1) for kf in kfs])
-    return _Rows(k, v, q, visible, raw, attention, alpha * attention + (1 - alpha) * uniform,
-                 var.sqrt().clamp_min(1e-6), budgets, attention @ v)
+    return _Rows(k, v, q, visible, raw, attention, var.sqrt().clamp_min(1e-6), budgets, attention @ v)
 
 
 def _truncated_scores(u: torch.Tensor, rows: _Rows) -> torch.Tensor:
@@ -129,10 +128,29 @@ def _truncated_scores(u: torch.Tensor, rows: _Rows) -> torch.Tensor:
 
 
 def residual(u: torch.Tensor, rows: _Rows) -> torch.Tensor:
-    """R(U): the weighted, centred, spread-normalised squared truncation error, mean over rows: scalar."""
+    """The sample term of R: attention-weighted, centred, spread-normalised squared truncation error,
+    mean over rows: scalar."""
     e = rows.scores - _truncated_scores(u, rows)  # [W, R, T]
-    e = e - (rows.weights * e).sum(-1, keepdim=True)
-    return ((rows.weights * e * e).sum(-1) / rows.spread[..., 0] ** 2).mean()
+    e = e - (rows.attention * e).sum(-1, keepdim=True)
+    return ((rows.attention * e * e).sum(-1) / rows.spread[..., 0] ** 2).mean()
+
+
+@dataclass(frozen=True)
+class Population:
+    """One head's full-calibration statistics: key covariance C and query second moment S, [D, D]."""
+
+    covariance: torch.Tensor
+    query_moment: torch.Tensor
+
+    def error(self, u: torch.Tensor) -> torch.Tensor:
+        """E(U) / tr(CS): the query-aware error as a share of the score variance: scalar."""
+        total = trace_product(self.covariance, self.query_moment)
+        return truncation_error(u, self.covariance, self.query_moment, total) / total
+
+
+def objective(u: torch.Tensor, rows: _Rows, population: Population, alpha: float = ALPHA) -> torch.Tensor:
+    """R(U) (module doc): scalar."""
+    return alpha * residual(u, rows) + (1 - alpha) * population.error(u)
 
 
 def _ranks(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -175,18 +193,19 @@ class HeadFit:
 
 
 def fit_head(
-    sample: HeadSample, starts: dict[str, torch.Tensor], kfs: tuple[float, ...] = KF_SET, steps: int = STEPS,
-    learning_rate: float = LEARNING_RATE, alpha: float = ALPHA,
+    sample: HeadSample, starts: dict[str, torch.Tensor], population: Population, kfs: tuple[float, ...] = KF_SET,
+    steps: int = STEPS, learning_rate: float = LEARNING_RATE, alpha: float = ALPHA,
 ) -> HeadFit:
     """Fit one (layer, KV head) from `starts` {"pca": U, "qa": U} ([D, d] each) and choose, on the
     held-out half of the sample, the candidate (pca, qa or the fit) with the lowest output error."""
     fit_part, held_part = sample.split()
-    fit_rows = _rows(fit_part, kfs, alpha)
-    on_fit = {name: float(residual(u.float(), fit_rows)) for name, u in starts.items()}
+    fit_rows = _rows(fit_part, kfs)
+    loss = lambda u: objective(u, fit_rows, population, alpha)
+    on_fit = {name: float(loss(u.float())) for name, u in starts.items()}
     start = min(on_fit, key=on_fit.get)
-    candidates = {**starts, "sa": descend(starts[start].float(), fit_rows, steps, learning_rate)}
+    candidates = {**starts, "sa": descend(starts[start].float(), loss, steps, learning_rate)}
     del fit_rows
-    held_rows = _rows(held_part, kfs, alpha)
+    held_rows = _rows(held_part, kfs)
     per_candidate = {name: _measures(u.float(), held_rows) for name, u in candidates.items()}
     heldout = {m: {name: per_candidate[name][m] for name in candidates} for m in MEASURES}
     error = heldout["output_error"]
@@ -194,25 +213,25 @@ def fit_head(
     return HeadFit(basis=candidates[best].float(), choice=best, heldout=heldout)
 
 
-def descend(u: torch.Tensor, rows: _Rows, steps: int, learning_rate: float) -> torch.Tensor:
-    """Riemannian descent of R on the Stiefel manifold from U [D, d]: Adam-scaled steps along the
-    tangent projection of the gradient, QR retraction. Returns the iterate with the lowest R on
-    `rows` (checked every few steps), the start included."""
-    best_u, best = u, float(residual(u, rows))
+def descend(u: torch.Tensor, loss, steps: int, learning_rate: float) -> torch.Tensor:
+    """Riemannian descent of `loss` (U -> scalar) on the Stiefel manifold from U [D, d]: Adam-scaled
+    steps along the tangent projection of the gradient, QR retraction. Returns the iterate with the
+    lowest loss (checked every few steps), the start included."""
+    best_u, best = u, float(loss(u))
     m = torch.zeros_like(u)
     v = torch.zeros_like(u)
     beta1, beta2 = 0.9, 0.999
     with one_cpu_thread():
         for step in range(1, steps + 1):
             x = u.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(residual(x, rows), x)
+            (grad,) = torch.autograd.grad(loss(x), x)
             grad = grad - u @ ((u.T @ grad + grad.T @ u) / 2)  # tangent part at U
             m = beta1 * m + (1 - beta1) * grad
             v = beta2 * v + (1 - beta2) * grad * grad
             direction = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + 1e-8)
             u = orthonormalize(u - learning_rate * direction)
             if step % 10 == 0 or step == steps:
-                value = float(residual(u, rows))
+                value = float(loss(u))
                 if value < best:
                     best_u, best = u, value
     return best_u
@@ -264,8 +283,12 @@ def collect_sample(
     )
 
 
-def fit_all(sample: SelectionSample, starts: dict[str, torch.Tensor], progress=None, **settings) -> tuple[torch.Tensor, dict]:
-    """fit_head for every (layer, KV head). starts: name -> [L, Hkv, D, d]. Returns the chosen
+def fit_all(
+    sample: SelectionSample, starts: dict[str, torch.Tensor], covariance: torch.Tensor, query_moment: torch.Tensor,
+    progress=None, **settings,
+) -> tuple[torch.Tensor, dict]:
+    """fit_head for every (layer, KV head). starts: name -> [L, Hkv, D, d]; covariance, query_moment:
+    the calibration's C and S, [L, Hkv, D, D]. Returns the chosen
     subspaces as rows [L, Hkv, d, D] and a JSON-ready report: per layer and head the choice and the
     held-out measures of each candidate (`heldout_<measure>`: candidate -> [L][Hkv]) and the fit's
     seconds. `progress(done, total)` is called after each head."""
@@ -278,7 +301,8 @@ def fit_all(sample: SelectionSample, starts: dict[str, torch.Tensor], progress=N
     for layer in range(num_layers):
         layer_rows, layer_choice = [], []
         for h in range(num_kv):
-            fit = fit_head(sample.head(layer, h), {n: u[layer, h] for n, u in starts.items()}, **settings)
+            population = Population(covariance[layer, h].float(), query_moment[layer, h].float())
+            fit = fit_head(sample.head(layer, h), {n: u[layer, h] for n, u in starts.items()}, population, **settings)
             layer_rows.append(fit.basis.T)
             layer_choice.append(fit.choice)
             for m in MEASURES:
