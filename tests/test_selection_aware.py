@@ -169,11 +169,11 @@ def test_fit_is_never_worse_than_its_starts_on_held_out_windows():
         starts = {"pca": sa.orthonormalize(torch.randn(8, 2, generator=g)), "qa": sa.orthonormalize(torch.randn(8, 2, generator=g))}
         fit = sa.fit_head(sample, starts, population_of(sample), steps=30)
         held = sample.split()[1]
-        error = fit.heldout["output_error"]
-        assert error[fit.choice] == min(error.values())
-        assert sa.heldout_measures(fit.basis, held)["output_error"] == pytest.approx(error[fit.choice], abs=1e-9)
+        mass = fit.heldout["mass"]
+        assert mass[fit.choice] == max(mass.values())
+        assert sa.heldout_measures(fit.basis, held)["mass"] == pytest.approx(mass[fit.choice], abs=1e-9)
         for u in starts.values():
-            assert error[fit.choice] <= sa.heldout_measures(u, held)["output_error"] + 1e-12
+            assert mass[fit.choice] >= sa.heldout_measures(u, held)["mass"] - 1e-12
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +224,8 @@ def test_calibration_stores_the_fit_and_eval_reads_it(tmp_path):
             got = sa.heldout_measures(u, held)
             for m in sa.MEASURES:
                 assert got[m] == pytest.approx(report[f"heldout_{m}"][chosen][layer][h], abs=1e-4)
-            errors = [report["heldout_output_error"][n][layer][h] for n in sa.CANDIDATES]
-            assert report["heldout_output_error"][chosen][layer][h] == min(errors)
+            masses = [report["heldout_mass"][n][layer][h] for n in sa.CANDIDATES]
+            assert report["heldout_mass"][chosen][layer][h] == max(masses)
     with pytest.raises(UserError, match="--sa-df 0.5"):
         basis_for("sa-post", back, 4, (2, 2, 8))
     plain = build_calibration(stats, facts, {"dataset": "toy"})

@@ -26,8 +26,9 @@ averaged over rows and budgets:
 - mass: the exact attention that falls on the top-k of s~;
 - recall: the share of the exact top-k (by s) that the top-k of s~ keeps.
 
-The returned subspace is the candidate with the lowest held-out output error (on SmolLM2 it tracked
-perplexity where mass did not; reports/eval/selection-aware/), so it is never worse than either start there.
+The returned subspace is the candidate that captures the most held-out mass, so it is never worse than
+either start there. The output error is recorded beside it: chosen by it instead, sa-post had higher
+perplexity on both models tried (reports/eval/selection-aware/).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ LEARNING_RATE = 0.003
 SAMPLE_WINDOWS = 32  # calibration windows the sample is taken from: half fit, half held out
 SAMPLE_ROWS = 64  # query positions per window (each with every query head of the KV group)
 CANDIDATES = ("pca", "qa", "sa")  # the order in which ties are broken (the simpler basis wins)
-MEASURES = ("output_error", "mass", "recall")  # held-out, per candidate; the choice minimises the first
+MEASURES = ("mass", "recall", "output_error")  # held-out, per candidate; the choice maximises the first
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def fit_head(
     steps: int = STEPS, learning_rate: float = LEARNING_RATE, alpha: float = ALPHA,
 ) -> HeadFit:
     """Fit one (layer, KV head) from `starts` {"pca": U, "qa": U} ([D, d] each) and choose, on the
-    held-out half of the sample, the candidate (pca, qa or the fit) with the lowest output error."""
+    held-out half of the sample, the candidate (pca, qa or the fit) that captures the most mass."""
     fit_part, held_part = sample.split()
     fit_rows = _rows(fit_part, kfs)
     loss = lambda u: objective(u, fit_rows, population, alpha)
@@ -208,8 +209,8 @@ def fit_head(
     held_rows = _rows(held_part, kfs)
     per_candidate = {name: _measures(u.float(), held_rows) for name, u in candidates.items()}
     heldout = {m: {name: per_candidate[name][m] for name in candidates} for m in MEASURES}
-    error = heldout["output_error"]
-    best = min((n for n in CANDIDATES if n in error), key=lambda n: (error[n], CANDIDATES.index(n)))
+    mass = heldout["mass"]
+    best = max((n for n in CANDIDATES if n in mass), key=lambda n: (mass[n], -CANDIDATES.index(n)))
     return HeadFit(basis=candidates[best].float(), choice=best, heldout=heldout)
 
 
@@ -315,7 +316,7 @@ def fit_all(
     windows = int(sample.keys.shape[2])
     report = {
         "choice": choices,
-        "chosen_by": "heldout_output_error",
+        "chosen_by": "heldout_mass",
         **{f"heldout_{m}": heldout[m] for m in MEASURES},
         "kf": list(settings.get("kfs", KF_SET)),
         "alpha": settings.get("alpha", ALPHA),
@@ -331,7 +332,7 @@ def summary(report: dict) -> list[str]:
     the fit was not chosen."""
     choices = [c for layer in report["choice"] for c in layer]
     counts = ", ".join(f"{n} {choices.count(n)}" for n in CANDIDATES)
-    lines = [f"fit {report['seconds']:.0f} s; heads choosing {counts} (lowest held-out output error)"]
+    lines = [f"fit {report['seconds']:.0f} s; heads choosing {counts} (most held-out mass)"]
     for m in MEASURES:
         mean = {n: sum(sum(v) for v in report[f"heldout_{m}"][n]) / len(choices) for n in CANDIDATES}
         lines.append(f"held-out {m.replace('_', ' ')} (kf {', '.join(map(str, report['kf']))}): "
