@@ -15,7 +15,7 @@ the span of U (D x d, orthonormal, projector Pi = U U^T) leaves the score error
   first d dimensions are read.
 - `selection-aware` (`sa-post`): fitted at calibrate time to the truncation error of the scores that
   carry the attention, on sampled rows, held near the query-aware error (calib/selection_aware.py); per
-  head the best of PCA, query-aware and the fit by the attention output's error on held-out sample
+  head the best of PCA, query-aware and the fit by the attention mass on the top-k on held-out sample
   windows. Only stored budgets d exist (calibrate --sa-df).
 - `random`: a Haar-random orthonormal basis: what any basis must beat.
 
