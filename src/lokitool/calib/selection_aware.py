@@ -200,18 +200,25 @@ def fit_head(
     """Fit one (layer, KV head) from `starts` {"pca": U, "qa": U} ([D, d] each) and choose, on the
     held-out half of the sample, the candidate (pca, qa or the fit) that captures the most mass."""
     fit_part, held_part = sample.split()
-    fit_rows = _rows(fit_part, kfs)
-    loss = lambda u: objective(u, fit_rows, population, alpha)
-    on_fit = {name: float(loss(u.float())) for name, u in starts.items()}
-    start = min(on_fit, key=on_fit.get)
-    candidates = {**starts, "sa": descend(starts[start].float(), loss, steps, learning_rate)}
-    del fit_rows
-    held_rows = _rows(held_part, kfs)
+    candidates = {**starts, "sa": _fit(fit_part, starts, population, kfs, steps, learning_rate, alpha)}
+    held_rows = _rows(held_part, kfs)  # built after the fit's rows are freed: one [W, R, T] set at a time
     per_candidate = {name: _measures(u.float(), held_rows) for name, u in candidates.items()}
     heldout = {m: {name: per_candidate[name][m] for name in candidates} for m in MEASURES}
     mass = heldout["mass"]
     best = max((n for n in CANDIDATES if n in mass), key=lambda n: (mass[n], -CANDIDATES.index(n)))
     return HeadFit(basis=candidates[best].float(), choice=best, heldout=heldout)
+
+
+def _fit(
+    part: HeadSample, starts: dict[str, torch.Tensor], population: Population, kfs: tuple[float, ...], steps: int,
+    learning_rate: float, alpha: float,
+) -> torch.Tensor:
+    """The fitted U [D, d]: descent of R on `part` from the start with the lower R."""
+    rows = _rows(part, kfs)
+    loss = lambda u: objective(u, rows, population, alpha)
+    on_fit = {name: float(loss(u.float())) for name, u in starts.items()}
+    start = min(on_fit, key=on_fit.get)
+    return descend(starts[start].float(), loss, steps, learning_rate)
 
 
 def descend(u: torch.Tensor, loss, steps: int, learning_rate: float) -> torch.Tensor:
