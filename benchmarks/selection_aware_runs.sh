@@ -17,8 +17,8 @@ for m in smol gemma; do
   $EVAL --num-tokens 2048 --model "$model" --calibration "$DIR/$m.safetensors" --methods loki --basis post,qa-post,sa-post --kf 0.125,0.25 --df 0.25 \
     --output-path "$DIR/$m-loki"
 done
-# the longer check: 6 windows, one budget per model
+# the longer check: 6 windows, both budgets
 $EVAL --num-tokens 6144 --model default --calibration "$DIR/smol.safetensors" --methods exact-topk,loki --basis post,qa-post,sa-post \
-  --kf 0.25 --df 0.25 --output-path "$DIR/smol-6k"
+  --kf 0.125,0.25 --df 0.25 --output-path "$DIR/smol-6k"
 $EVAL --num-tokens 6144 --model "$GEMMA" --calibration "$DIR/gemma.safetensors" --methods exact-topk,loki --basis post,qa-post,sa-post \
-  --kf 0.125 --df 0.25 --output-path "$DIR/gemma-6k"
+  --kf 0.125,0.25 --df 0.25 --output-path "$DIR/gemma-6k"

@@ -7,7 +7,7 @@
     moments.py      streamed count / sum / sum of outer products per (layer, head)
     pca.py          moments -> mean, components, eigenvalues; ranks
     query_aware.py  the query-aware subspace fit (stored in the file at calibrate time)
-    selection_aware.py  a (query, keys) sample and the fit for the top-k's attention mass (sa-post)
+    selection_aware.py  a (query, key, value) sample and the fit for what top-k selection needs (sa-post)
     calibration.py  the one object handed downstream: safetensors + validated header
     distributed.py  torchrun: shards and all-reduce
     config.py, run.py  the calibrate job

@@ -96,11 +96,15 @@ class Calibration:
 
     def fit_query_aware(self, kind: str, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Fit the query-aware subspace from C and S as the file stores them (float32): [L, H_kv, d, D] rows."""
+        c, s = self.score_statistics(kind)
+        return query_aware_subspace(c.to(device), s.to(device), d).transpose(-1, -2).float().cpu()
+
+    def score_statistics(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, S): key covariance and query second moment as the file stores them (float32 precision),
+        [L, H_kv, D, D] float64 each: what the query-aware error tr((I - P) C (I - P) S) is made of."""
         pca = self.pca[kind]
         stored = PCA(mean=pca.mean, components=pca.components.float(), eigenvalues=pca.eigenvalues.float())
-        c = stored.covariance().to(device)  # [L, H_kv, D, D] float64
-        s = self.query_moment[kind].float().to(device=device, dtype=torch.float64)
-        return query_aware_subspace(c, s, d).transpose(-1, -2).float().cpu()
+        return stored.covariance(), self.query_moment[kind].float().to(torch.float64)
 
     def key_second_moment(self, kind: str) -> torch.Tensor:
         """E[k k^T] = C + mu mu^T, [L, H_kv, D, D], float64."""

@@ -32,12 +32,13 @@ def _group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.reshape(b, num_kv_heads, (h // num_kv_heads) * s, d)
 
 
-Sink = Callable[[str, str, int, torch.Tensor], None]  # (vector: "key"|"query", kind, layer, x [B, H, N, D])
+Sink = Callable[[str, str, int, torch.Tensor], None]  # (vector: "key"|"query"|"value", kind, layer, x [B, H, N, D])
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, facts: ModelFacts, sink: Sink, with_queries: bool = False) -> Iterator[None]:
-    """Call `sink` with every layer's keys (and queries) before and after RoPE while the block runs.
+def capture(model: nn.Module, facts: ModelFacts, sink: Sink, with_queries: bool = False, with_values: bool = False) -> Iterator[None]:
+    """Call `sink` with every layer's keys (and queries) before and after RoPE while the block runs;
+    with `with_values`, also the values as the attention function receives them (kind "post").
 
     Hooks and the attention route are removed on exit, also after an exception.
     """
@@ -62,6 +63,8 @@ def capture(model: nn.Module, facts: ModelFacts, sink: Sink, with_queries: bool 
             sink("key", "post", layer, key)
             if with_queries:
                 sink("query", "post", layer, _group_queries(query, facts.num_kv_heads))
+            if with_values:
+                sink("value", "post", layer, value)
             return exact_attention(mod, query, key, value, attention_mask, **kwargs)
 
         return handler

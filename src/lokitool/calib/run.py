@@ -69,9 +69,10 @@ def fit_selection_aware(
     """Add the selection-aware subspaces for each d (from the PCA and query-aware starts) and their
     per-head report (`info["selection_aware"]`, keyed by d) to a calibration."""
     fitted, reports = {}, {}
+    covariance, query_moment = calibration.score_statistics("post")
     for d in dims:
         starts = {"pca": calibration.basis("post")[..., :d].float(), "qa": calibration.query_aware_basis("post", d)[..., :d].float()}
-        fitted[d], reports[str(d)] = selection_aware.fit_all(sample, starts, progress=progress)
+        fitted[d], reports[str(d)] = selection_aware.fit_all(sample, starts, covariance, query_moment, progress=progress)
     info = {**calibration.info, "selection_aware": reports}
     return replace(calibration, info=info, selection_aware={"post": fitted})
 

@@ -147,35 +147,45 @@ def _md_score_variance(report: RankReport, names: Sequence[str], figures: Figure
 
 
 SA_CANDIDATES = ("pca", "qa", "sa")  # calib/selection_aware.CANDIDATES, as the calibration header names them
+SA_MEASURES = (("mass", "mass", "{:.4f}"), ("recall", "top-k recall", "{:.4f}"), ("output_error", "output error", "{:.4f}"))
 
 
 def _md_selection_aware(report: RankReport, names: Sequence[str]) -> list[str]:
-    """Per layer, for each calibration with a selection-aware fit: the per-head choice and the held-out
-    attention mass on the top-k of each candidate (means over KV heads), next to the score variance
-    that PCA and the query-aware basis capture at that d where the report computed it. [] if none."""
+    """Per layer and KV head, for each calibration with a selection-aware fit: the choice and, for each
+    candidate, the held-out attention mass on the top-k, the top-k recall and the attention output's
+    error from the calibration header (a measure the file predates shows as -), next to the score
+    variance that PCA and the query-aware basis capture at that d where the report computed it. [] if none."""
     parts = []
     for name, entry in zip(names, report.entries):
         fits = entry.calibration.info.get("selection_aware") or {}
         for d_key, record in sorted(fits.items(), key=lambda kv: int(kv[0])):
             d = int(d_key)
             sv = next((v for v in entry.score_variance or () if v.kind == "post" and v.d == d), None)
-            mass = record["heldout_mass"]
             rows = []
             for i, choice in enumerate(record["choice"]):
-                cells = [f"{sum(mass[c][i]) / len(choice):.4f}" for c in SA_CANDIDATES]
-                if sv is not None:
-                    cells += [f"{float(sv.captured[b][i].mean()):.3f}" for b in ("pca", "query_aware")]
-                rows.append([str(i), " / ".join(choice), *cells])
-            header = ["layer", "chosen per head", "mass: PCA", "mass: query-aware", "mass: fit"]
+                for h, chosen in enumerate(choice):
+                    cells = []
+                    for key, _, fmt in SA_MEASURES:
+                        values = record.get(f"heldout_{key}")
+                        cells += [fmt.format(values[c][i][h]) if values else "-" for c in SA_CANDIDATES]
+                    if sv is not None:
+                        cells += [f"{float(sv.captured[b][i][h]):.3f}" for b in ("pca", "query_aware")]
+                    rows.append([str(i), str(h), chosen, *cells])
+            header = ["layer", "KV head", "chosen"]
+            for _, label, _ in SA_MEASURES:
+                header += [f"{label}: PCA", f"{label}: query-aware", f"{label}: fit"]
             if sv is not None:
                 header += ["score variance: PCA", "score variance: query-aware"]
             kfs = ", ".join(f"{k:g}" for k in record.get("kf", ()))
+            chosen_by = record.get("chosen_by", "heldout_mass").removeprefix("heldout_").replace("_", " ")
             parts += [
                 f"### {name}: selection-aware basis (sa-post), d = {d}",
-                f"Exact attention mass that falls on the top-k of the truncated scores (per-row budgets, mean "
-                f"over kf {kfs}) on the calibration sample's held-out windows, means over KV heads; "
-                "`sa-post` keeps, per head, the candidate with the most (calib/selection_aware.py).",
-                _md_table(header, rows, text_columns=2),
+                f"On the calibration sample's held-out windows (per-row budgets, mean over kf {kfs}): the exact "
+                "attention mass that falls on the top-k of the truncated scores, the share of the exact top-k "
+                "it keeps (recall), and the relative squared error of the attention output over those keys "
+                f"(lower is better); `sa-post` keeps, per head, the candidate with the best {chosen_by} "
+                "(calib/selection_aware.py).",
+                _md_table(header, rows, text_columns=3),
             ]
     return (["## Selection-aware fits"] + parts) if parts else []
 

@@ -13,9 +13,10 @@ the span of U (D x d, orthonormal, projector Pi = U U^T) leaves the score error
   C and S commute); never worse than PCA. `calibrate` stores it for the usual budgets d; other d
   are fitted once per process. Same cache, same cost as Loki: keys are stored rotated and the
   first d dimensions are read.
-- `selection-aware` (`sa-post`): fitted at calibrate time to maximise the exact attention mass on the
-  top-k of the truncated scores (calib/selection_aware.py), per head the best of PCA, query-aware and
-  the fit on held-out sample windows. Only stored budgets d exist (calibrate --sa-df).
+- `selection-aware` (`sa-post`): fitted at calibrate time to the truncation error of the scores that
+  carry the attention, on sampled rows, held near the query-aware error (calib/selection_aware.py); per
+  head the best of PCA, query-aware and the fit by the attention mass on the top-k on held-out sample
+  windows. Only stored budgets d exist (calibrate --sa-df).
 - `random`: a Haar-random orthonormal basis: what any basis must beat.
 
 `score_variance_captured` reports 1 - E(U)/tr(CS): the share of the per-query score variance over
