@@ -272,3 +272,19 @@ def test_sample_rows_carry_the_models_own_attention(heads, kv_heads):
                     torch.testing.assert_close(rows.attention[w, j], weights[w][layer][0, head, pos], atol=1e-5, rtol=1e-4)
                     o_proj_input = outputs[layer][w][pos].reshape(heads, 8)[head]  # [S, H*Dv] -> this head's output
                     torch.testing.assert_close(rows.output[w, j], o_proj_input, atol=1e-5, rtol=1e-4)
+
+
+def test_sample_windows_bounded_by_memory():
+    """The sample keeps 32 windows for small models and fewer (never under 4, never more than there are)
+    where keys and values of every layer and KV head would pass SAMPLE_BYTES: an 8B-class shape at 2048
+    tokens a window takes 4 windows (8 x 32 layers x 8 heads x 2048 x 256 floats each would be 2 GiB)."""
+    from lokitool.calib import selection_aware as sa
+    from lokitool.calib.models import ModelFacts
+
+    smol = ModelFacts("smol", None, "llama", 30, 9, 3, 64, True, 8192, 1)
+    big = ModelFacts("big", None, "llama", 32, 32, 8, 128, True, 8192, 1)
+    assert sa.sample_windows(smol, 1024, available=100) == 32
+    assert sa.sample_windows(smol, 1024, available=10) == 10
+    per_window = 32 * 8 * 2048 * 2 * 128 * 4
+    assert sa.sample_windows(big, 2048, available=100) == max(4, sa.SAMPLE_BYTES // per_window) == 4
+    assert sa.sample_windows(big, 512, available=100) == sa.SAMPLE_BYTES // (per_window // 4) == 16

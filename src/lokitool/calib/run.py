@@ -117,7 +117,8 @@ def run(
     all_reduce_(stats)
     sample = None
     if config.sa_df and config.queries and world.is_main and windows.tokens.shape[0] >= 2:
-        sample = selection_aware.collect_sample(loaded.model, loaded.facts, windows.tokens[: selection_aware.SAMPLE_WINDOWS])
+        taken = selection_aware.sample_windows(loaded.facts, windows.seq_len, windows.tokens.shape[0])
+        sample = selection_aware.collect_sample(loaded.model, loaded.facts, windows.tokens[:taken])
     seconds = time.perf_counter() - start
     device = next(loaded.model.parameters()).device
     info = {

@@ -16,7 +16,7 @@ and holds the fit to what a small sample cannot tell. R is smooth; Riemannian st
 manifold (Adam-scaled tangent steps, QR retraction) from the better (by R) of the PCA and query-aware starts.
 
 The sample (`SelectionSample`: keys, values and queries after RoPE from the first SAMPLE_WINDOWS
-calibration windows; memory L x Hkv x SAMPLE_WINDOWS x seq_len x 2D floats) is split by window into
+calibration windows, fewer where their L x Hkv x windows x seq_len x 2D floats would pass SAMPLE_BYTES) is split by window into
 fit and held-out halves. On the held-out half each candidate (PCA, query-aware, the fit) is measured as
 Loki uses it, at each budget kf in KF_SET (k = max(1, floor(kf x n)), per-row budgets, as eval runs),
 averaged over rows and budgets:
@@ -47,6 +47,8 @@ ALPHA = 0.5  # weight of the sample's attention-weighted residual (against the q
 STEPS = 40
 LEARNING_RATE = 0.003
 SAMPLE_WINDOWS = 32  # calibration windows the sample is taken from: half fit, half held out
+SAMPLE_BYTES = 2 << 30  # at most this much memory for the sampled keys and values (fewer windows for large models)
+MIN_SAMPLE_WINDOWS = 4
 SAMPLE_ROWS = 64  # query positions per window (each with every query head of the KV group)
 CANDIDATES = ("pca", "qa", "sa")  # the order in which ties are broken (the simpler basis wins)
 MEASURES = ("mass", "recall", "output_error")  # held-out, per candidate; the choice maximises the first
@@ -250,6 +252,13 @@ def descend(u: torch.Tensor, loss, steps: int, learning_rate: float) -> torch.Te
 
 
 @torch.no_grad()  # not inference_mode: the fit differentiates through these tensors
+def sample_windows(facts: ModelFacts, seq_len: int, available: int) -> int:
+    """Windows to sample: SAMPLE_WINDOWS, fewer where their keys and values (float32, every layer and KV
+    head) would pass SAMPLE_BYTES, never below MIN_SAMPLE_WINDOWS nor above the `available` ones."""
+    per_window = facts.num_layers * facts.num_kv_heads * seq_len * 2 * facts.head_dim * 4
+    return min(available, max(MIN_SAMPLE_WINDOWS, min(SAMPLE_WINDOWS, SAMPLE_BYTES // per_window)))
+
+
 def collect_sample(
     model: nn.Module, facts: ModelFacts, tokens: torch.Tensor, rows: int = SAMPLE_ROWS, seed: int = 0,
 ) -> SelectionSample:
