@@ -251,7 +251,6 @@ def descend(u: torch.Tensor, loss, steps: int, learning_rate: float) -> torch.Te
 # The sample
 
 
-@torch.no_grad()  # not inference_mode: the fit differentiates through these tensors
 def sample_windows(facts: ModelFacts, seq_len: int, available: int) -> int:
     """Windows to sample: SAMPLE_WINDOWS, fewer where their keys and values (float32, every layer and KV
     head) would pass SAMPLE_BYTES, never below MIN_SAMPLE_WINDOWS nor above the `available` ones."""
@@ -259,6 +258,7 @@ def sample_windows(facts: ModelFacts, seq_len: int, available: int) -> int:
     return min(available, max(MIN_SAMPLE_WINDOWS, min(SAMPLE_WINDOWS, SAMPLE_BYTES // per_window)))
 
 
+@torch.no_grad()  # not inference_mode: the fit differentiates through these tensors
 def collect_sample(
     model: nn.Module, facts: ModelFacts, tokens: torch.Tensor, rows: int = SAMPLE_ROWS, seed: int = 0,
 ) -> SelectionSample:
