@@ -26,7 +26,8 @@ DEFAULT_SHAPES = "llama2-13b:1:131072:head,llama2-13b:16:131072:head,llama2-13b:
 
 
 def bucket_sizes(scores, budgets) -> dict:
-    """Mean fraction of a row's keys that share the k-th largest key's top n bits."""
+    """Mean fraction of a row's keys that share the k-th largest key's top n bits, or its bin when the
+    row's value range is cut into nb equal bins."""
     keys = scores.view(torch.int32)
     keys = torch.where(keys < 0, -(keys & 0x7FFFFFFF), keys).long()
     kth = torch.topk(keys, int(budgets[0]), dim=-1).values[..., -1:]
@@ -35,9 +36,9 @@ def bucket_sizes(scores, budgets) -> dict:
         shift = 32 - bits
         out[f"top{bits}"] = float(((keys >> shift) == (kth >> shift)).float().mean())
     lo, hi = scores.amin(-1, keepdim=True), scores.amax(-1, keepdim=True)
+    thr = torch.topk(scores, int(budgets[0]), dim=-1).values[..., -1:]
     for nb in (256, 1024, 4096):
         binf = lambda x: ((x - lo) / (hi - lo) * nb).long().clamp(max=nb - 1)  # noqa: E731
-        thr = torch.topk(scores, int(budgets[0]), dim=-1).values[..., -1:]
         out[f"linear{nb}"] = float((binf(scores) == binf(thr)).float().mean())
     return out
 

@@ -386,7 +386,8 @@ class SelectPlan:
     """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
     holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
     tokens, a program each, radix passes of `digits` bits (histograms [B x R, sum of 2^digit bins],
-    kept zero between calls; per-row state; per-chunk counts and suffix sums of the last digit)."""
+    kept zero between calls; per-row state; per-chunk counts and suffix sums of the last digit). mode
+    "pivot": chunks as split, a `sample`-key row sample, `cap` candidate slots per row (select_pivot.py)."""
 
     def __init__(
         self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP,
@@ -400,9 +401,11 @@ class SelectPlan:
             assert s <= self.block, (s, self.block)
             nch = max(1, self.block // WRITE_CHUNK)
             self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
-        elif mode == "pivot":
-            self.chunk = chunk or split_chunk(s)
-            self.nch = triton.cdiv(s, self.chunk)
+            return
+        self.chunk = chunk or split_chunk(s)  # split and pivot: a program per chunk of a row
+        assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
+        self.nch = triton.cdiv(s, self.chunk)
+        if mode == "pivot":
             self.cap = cap or select_pivot.candidate_cap(s, sample)
             self.sample = sample
             self.ws = {
@@ -414,9 +417,6 @@ class SelectPlan:
                 "cand_tok": torch.empty(b * rows * self.cap, **i32),
             }
         else:
-            self.chunk = chunk or split_chunk(s)
-            assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
-            self.nch = triton.cdiv(s, self.chunk)
             self.passes = radix_passes(digits)
             last = self.passes[-1]
             self.ws = {
