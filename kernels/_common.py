@@ -63,6 +63,7 @@ class Recorded:
     def __init__(self):
         self.launches: list[tuple[object, list]] = []
         self.complete = True  # False if a launch could not be recorded (the interpreter compiles nothing)
+        self.addresses = True  # the runners take a tensor's address in its place (compiled kernels do)
 
 
 _recording: Recorded | None = None

@@ -188,8 +188,16 @@ def _merge_kernel(
 
 
 def num_splits(rows: int, kmax: int, num_sms: int) -> int:
-    """Pieces per selection row: enough programs for ~8 per multiprocessor, pieces of >= 64 rows."""
-    want = triton.cdiv(8 * num_sms, rows)
+    """Pieces per selection row, pieces of >= 64 kept rows: ~8 programs per multiprocessor where the rows
+    are few (batch 1: fewer than half as many rows as multiprocessors), else ~4 and at least 2 pieces a row.
+    With the merge inside the kernel (the last piece of a row merges), a row's time is its slowest piece:
+    at batch 1 (llama2-13b, 40 rows) 27 pieces made a faster step than 14; with many rows fewer, longer
+    pieces won (H200, benchmarks/stage_lab.py, kf 0.25): llama3-8b kv B=16 16k (128 rows) 0.079 ms at 5
+    pieces against 0.095 at 9 and 0.093 at 20; llama2-13b B=16 64k (640 rows) 1.29 ms at 2-8 against 1.34 at 1."""
+    if 2 * rows < num_sms:
+        want = triton.cdiv(8 * num_sms, rows)
+    else:
+        want = max(2, triton.cdiv(4 * num_sms, rows))
     return max(1, min(want, triton.cdiv(kmax, 64), 64))
 
 

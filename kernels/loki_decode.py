@@ -23,9 +23,11 @@ and Triton's launch path costs the host tens of microseconds per kernel, mostly 
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
 every stage, and a record of its launches (four; six when the selection runs in pivot mode, on
 rows longer than 16384 tokens, seven in radix "split" mode: select.py) (compiled kernel, grid, arguments; _common.Recorded),
-made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes,
+made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes, devices,
 pointer alignments, settings and stream check nothing again and replay the record with their own
-tensors swapped in: a key lookup, one allocation (the output) and the launches. The last MAX_PLANS
+tensors swapped in: a key lookup, one allocation (the output) and the launches, every pointer passed
+as a raw address (Triton's launcher would ask each tensor for it, and CUDA whether it is a device pointer, on
+every launch: ~10 us of a call's ~60 on an H200's host). The last MAX_PLANS
 plans keep their scratch (about B x R x S x 5 bytes, R selection rows, + 1/16 of that split; `clear_plans()` frees it);
 a plan serves one call at a time on its stream, and a CUDA graph captured from loki_decode may be
 replayed only while its plan is kept. A decode loop over a cache whose length grows each step
@@ -109,11 +111,15 @@ class _Plan:
         if not rec.complete:
             return
         mine = {id(t): i for i, t in enumerate(_call_tensors(q_rot, k_rot, v, lengths, out))}
-        self.replay = []
+        self.replay, self.held, self.addresses = [], [], rec.addresses
         for run, args in rec.launches:
             slots = [(pos, mine[id(a)]) for pos, a in enumerate(args) if id(a) in mine]
             for pos, _ in slots:
                 args[pos] = None  # the record must not keep this call's cache alive
+            for pos, a in enumerate(args):
+                if self.addresses and isinstance(a, torch.Tensor):  # the plan's scratch, by address
+                    self.held.append(a)
+                    args[pos] = a.data_ptr()
             self.replay.append((run, args, slots))
 
     def run(self, q_rot, k_rot, v, lengths, out, scaling: float, stream: int | None) -> None:
@@ -121,6 +127,8 @@ class _Plan:
             self.stages(q_rot, k_rot, v, lengths, out, scaling)
             return
         tensors = _call_tensors(q_rot, k_rot, v, lengths, out)
+        if self.addresses:  # their devices are part of the plan key
+            tensors = [t.data_ptr() for t in tensors]
         for run, args, slots in self.replay:
             args = list(args)
             for pos, which in slots:
@@ -137,6 +145,15 @@ def _call_tensors(q_rot, k_rot, v, lengths, out) -> tuple:
     return q_rot, k_rot, k_rot, v, lengths, out
 
 
+def _current_stream(index: int | None) -> int:
+    """The current CUDA stream's handle, as Triton's launcher asks for it (torch's private getter: a
+    fraction of a microsecond against ~2 for torch.cuda.current_stream(device).cuda_stream)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return torch.cuda.current_stream(index).cuda_stream
+    return raw(torch.cuda.current_device() if index is None else index)
+
+
 MAX_PLANS = 4  # oldest dropped first: a decode loop whose cache length grows makes a plan per step
 _PLANS: dict[tuple, _Plan] = {}
 
@@ -147,16 +164,16 @@ def clear_plans() -> None:
 
 
 def _plan_key(q_rot, k_rot, v, lengths, spec: LokiSpec, scaling: float, stream: int | None) -> tuple:
-    """What a record depends on: shapes, strides, dtypes, 16-byte alignment of every pointer, the
-    settings, the device and stream."""
+    """What a record depends on: shapes, strides, dtypes, devices, 16-byte alignment of every pointer,
+    the settings and the stream (a replay passes raw addresses: nothing checks a tensor's device then)."""
     parts = [spec.kf, spec.df, spec.group, scaling, q_rot.device, stream]
     planes = (k_rot.low, k_rot.high) if isinstance(k_rot, LokiKeys) else (k_rot, None)
     for t in (q_rot, *planes, v):
         if t is None:
             parts.append(None)
         else:
-            parts += [t.shape, t.stride(), t.dtype, t.data_ptr() % 16]
-    parts += [lengths.shape, lengths.dtype, lengths.data_ptr() % 16]
+            parts += [t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16]
+    parts += [lengths.shape, lengths.dtype, lengths.device, lengths.data_ptr() % 16]
     return tuple(parts)
 
 
@@ -177,7 +194,7 @@ def loki_decode(
     if lengths.dtype != torch.int32 or lengths.device != q_rot.device:
         check_inputs(q_rot, k_rot, v, lengths, d=spec.dims(q_rot.shape[-1]))  # range-checks CPU lengths
         lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
-    stream = torch.cuda.current_stream(q_rot.device).cuda_stream if q_rot.is_cuda else None
+    stream = _current_stream(q_rot.device.index) if q_rot.is_cuda else None
     key = _plan_key(q_rot, k_rot, v, lengths, spec, scaling, stream)
     plan = _PLANS.get(key)
     out = torch.empty(q_rot.shape, dtype=torch.float32, device=q_rot.device)  # [B, H, D]

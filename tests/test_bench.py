@@ -134,3 +134,19 @@ def test_cli_prints_the_selection_mode_and_gqa_ceiling(capsys, tmp_path):
     code, out, err = run_cli(args + ["--group", "kv"], capsys)
     assert code == 0, err
     assert "selection: group kv, 3 rows (one per KV head, shared by its 3 query heads)" in out and "ceiling" not in out
+
+
+def test_l2_flush_setting_is_checked(monkeypatch):
+    """time_ms takes flush "read" or "write" (or LOKITOOL_L2_FLUSH); anything else is refused before timing."""
+    from lokitool.bench.timing import time_ms
+
+    calls = []
+    with pytest.raises(ValueError, match="'read' or 'write'"):
+        time_ms(lambda: calls.append(1), torch.device("cpu"), flush="dirty")
+    monkeypatch.setenv("LOKITOOL_L2_FLUSH", "zero")
+    with pytest.raises(ValueError, match="LOKITOOL_L2_FLUSH"):
+        time_ms(lambda: calls.append(1), torch.device("cpu"))
+    assert not calls
+    monkeypatch.setenv("LOKITOOL_L2_FLUSH", "read")
+    p10, p50, p90 = time_ms(lambda: calls.append(1), torch.device("cpu"), rep_ms=5)
+    assert calls and 0 <= p10 <= p50 <= p90

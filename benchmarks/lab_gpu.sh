@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call of issue 12's stage profile (benchmarks/stage_lab.py), from the repository root on a CUDA
+# machine; everything lands in $OUT/lab.tar.gz (the device returns few files):
+#   tests   the compiled kernel tests (score, select, attention, decode, decode_full)
+#   flush   whole steps (SDPA, loki_decode) timed after an L2 flush by writing (triton's do_bench, the
+#           default) and by reading (LOKITOOL_L2_FLUSH=read: the L2 left clean)
+#   stages  each stage alone under every autotune config, the attention at several split counts and on
+#           contiguous rows, the selection's launches as cumulative prefixes ($SHAPES)
+#   host    one loki_decode call's host time (benchmarks/host_overhead.py)
+# STEPS picks steps (default: all). Set PYTHON for the interpreter, INSTALL=0 to skip the install.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/lab}
+R=$OUT/lab
+mkdir -p "$R"
+source benchmarks/gpu_env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
+STEPS=" ${STEPS:-tests flush stages host} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+lab() { local name=$1 t=$2; shift 2; timeout "$t" $PY benchmarks/stage_lab.py "$@" --out "$R/$name" > "$R/$name.out" 2>&1; echo "$name rc $?"; }
+if want tests; then
+  LOKITOOL_AUTOTUNE=0 timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernel_score.py tests/test_kernel_select.py \
+    tests/test_kernel_attention.py tests/test_kernel_decode.py tests/test_kernel_decode_full.py > "$R/tests.log" 2>&1
+  echo "tests rc $?"; tail -2 "$R/tests.log"
+fi
+FLUSH_SHAPES=${FLUSH_SHAPES:-llama3-8b:1:16384:kv,llama3-8b:1:32768:kv,llama3-8b:1:131072:kv,llama2-13b:1:32768:head,llama2-13b:1:131072:head,llama3-8b:16:16384:kv,llama2-13b:16:4096:head}
+if want flush; then
+  for f in write read; do LOKITOOL_L2_FLUSH=$f lab flush_$f 100 --parts none --shapes "$FLUSH_SHAPES"; done
+fi
+SHAPES=${SHAPES:-llama3-8b:16:16384:kv,llama3-8b:1:32768:kv,llama2-13b:1:32768:head}
+if want stages; then
+  lab stages 300 --shapes "$SHAPES"
+fi
+if want host; then
+  timeout 90 $PY benchmarks/host_overhead.py --out "$R/host" > "$R/host.out" 2>&1; echo "host rc $?"
+fi
+tar czf "$OUT/lab.tar.gz" -C "$OUT" lab
+for f in "$R"/*/stage_lab.log; do echo "== ${f#$R/}"; grep -E "loki|select |row kernel autotuned|attn autotuned|contiguous" "$f"; done
+head -12 "$R/host.out" 2>/dev/null

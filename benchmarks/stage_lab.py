@@ -1,0 +1,178 @@
+"""Where a Loki decode step's time goes, stage by stage, and which launch settings move it (issue 12).
+
+For each shape: SDPA and the whole loki_decode (CUDA-graph medians), then each stage timed alone with
+every autotune config forced in turn (score, attention), the attention at several split counts and on
+contiguous kept rows (the same bytes without the gather's scatter), the selection's launches as cumulative
+prefixes, and plain reads of the same bytes as a bandwidth reference. Random fp16 data, kf = df = 0.25.
+
+    python benchmarks/stage_lab.py [--shapes llama3-8b:16:16384:kv,...] [--parts score,select,attn] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+from lokitool.kernels import attention, decode_budgets, loki_decode, loki_scores, score, split_keys
+from lokitool.kernels import select as sel
+
+from lokitool.bench.kernels import sdpa_decode
+from lokitool.bench.presets import PRESETS
+from lokitool.bench.timing import time_ms
+from lokitool.sparse.reference import LokiSpec
+
+DEFAULT_SHAPES = "llama3-8b:16:16384:kv,llama3-8b:1:32768:kv,llama2-13b:1:32768:head,llama2-13b:16:65536:head"
+EXTRA_SCORE = [(512, 2, 8, 1), (512, 4, 8, 1), (512, 1, 4, 1), (256, 8, 8, 1), (128, 8, 4, 1), (512, 2, 4, 3)]
+EXTRA_ATTN = [(32, 4, 4), (64, 4, 5), (32, 2, 4), (64, 8, 3), (16, 4, 6)]
+
+
+def forced(kernel, pinned, config):
+    """Pin an autotuned kernel to one config (None: restore its list and retune)."""
+    if not hasattr(kernel, "_lab_configs"):
+        kernel._lab_configs = list(kernel.configs)
+    kernel.configs = [config] if config is not None else kernel._lab_configs
+    kernel.cache.clear()
+    pinned.configs.clear()
+
+
+def name(c) -> str:
+    return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
+
+
+def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) -> dict:
+    h, hkv, dim = PRESETS[preset].attention_shape
+    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    d, kmax = spec.dims(dim), spec.max_budget(s)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, dim, generator=gen, device=device).half()
+    kf = torch.randn(b, hkv, s, dim, generator=gen, device=device).half()
+    v = torch.randn(b, hkv, s, dim, generator=gen, device=device).half()
+    lengths = torch.full((b,), s, dtype=torch.int32, device=device)
+    scaling = dim**-0.5
+    out = {"shape": f"{preset}:{b}:{s}:{group}", "d": d, "k": kmax}
+    kv_mb = 2 * kf.numel() * 2 / 1e6
+    out["sdpa_ms"] = time_ms(lambda: sdpa_decode(q, kf, v, scaling), device)[1]
+    k = split_keys(kf, d)
+    out["sum_low_ms"] = time_ms(lambda: k.low.sum(), device)[1]
+    out["loki_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device)[1]
+    out["loki_plain_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device, graph=False)[1]
+    log(f"{out['shape']}: sdpa {out['sdpa_ms']:.4f} ms ({kv_mb / out['sdpa_ms'] / 1e3:.2f} TB/s), loki {out['loki_ms']:.4f} "
+        f"({out['sdpa_ms'] / out['loki_ms']:.2f}x) plain {out['loki_plain_ms']:.4f}; sum(low) {out['sum_low_ms']:.4f} ms")
+
+    score_mb = (k.low.numel() * 2 + b * (hkv if group == "kv" else h) * s * 4) / 1e6
+    if "score" in parts:
+        rows = []
+        configs = list(score._score_kernel.configs) + [triton.Config({"BLOCK_S": a, "STEPS": st}, num_warps=w, num_stages=ns)
+                                                        for a, st, w, ns in EXTRA_SCORE]
+        for c in [None] + configs:
+            if c is not None and c.kwargs["BLOCK_S"] * pow2(d) > 16384:
+                continue
+            forced(score._score_kernel, score._SCORE, c)
+            ms = time_ms(lambda: loki_scores(q, k, lengths, d=d, group=group), device)[1]
+            label = "autotuned " + name(score._score_kernel.best_config) if c is None else name(c)
+            rows.append({"config": label, "ms": ms, "tbps": score_mb / ms / 1e3})
+            log(f"  score {label:40} {ms:.4f} ms {score_mb / ms / 1e3:5.2f} TB/s")
+        forced(score._score_kernel, score._SCORE, None)
+        out["score"] = rows
+
+    scores = loki_scores(q, k, lengths, d=d, group=group)
+    budgets = decode_budgets(lengths, spec.kf)
+    rows_sel = scores.shape[1]
+    idx = torch.empty(b, rows_sel, kmax, dtype=torch.int32, device=device)
+    if "select" in parts:
+        mode = sel.selection_mode(b * rows_sel, s, device)
+        res = []
+        for m in {mode, "row" if s <= 16384 else "pivot", "split"}:
+            plan = sel.SelectPlan(b, rows_sel, s, device, mode=m)
+            steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+            prefix = [time_ms(lambda n=n: [f() for f in steps[:n]], device)[1] for n in range(1, len(steps) + 1)]
+            steps_ms = [prefix[0]] + [prefix[i] - prefix[i - 1] for i in range(1, len(prefix))]
+            res.append({"mode": m, "total_ms": prefix[-1], "step_ms": steps_ms})
+            log(f"  select {m:6} {prefix[-1]:.4f} ms ({' '.join(f'{x:.4f}' for x in steps_ms)})" + (" <- auto" if m == mode else ""))
+        if s <= 16384:
+            plan = sel.SelectPlan(b, rows_sel, s, device, mode="row")
+            for c in [None] + list(sel._select_kernel.configs):
+                forced(sel._select_kernel, sel._SELECT, c)
+                steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+                try:
+                    ms = time_ms(steps[0], device)[1]
+                except Exception as e:  # a config the row tile cannot take
+                    log(f"  select row {name(c) if c else 'autotuned'}: {type(e).__name__}")
+                    continue
+                label = "autotuned " + name(sel._select_kernel.best_config) if c is None else name(c)
+                res.append({"mode": "row kernel", "config": label, "ms": ms})
+                log(f"  select row kernel {label:36} {ms:.4f} ms")
+            forced(sel._select_kernel, sel._SELECT, None)
+        out["select"] = res
+
+    idx = sel.select_topk(scores, lengths, budgets, kmax=kmax)
+    if "attn" in parts:
+        attn_mb = b * rows_sel * kmax * (2 * dim * 2 + 4) / 1e6
+        base = attention.num_splits(b * rows_sel, kmax, attention.multiprocessors(device))
+        contiguous = torch.arange(kmax, dtype=torch.int32, device=device).expand(b, rows_sel, kmax).contiguous()
+        res = []
+
+        def run(nsplit, which):
+            return lambda: attention.sparse_decode_attention(q, k, v, which, budgets, scaling=scaling, group=group, nsplit=nsplit)
+
+        configs = list(attention._sparse_attention_kernel.configs) + [
+            triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in EXTRA_ATTN]
+        for c in [None] + configs:
+            forced(attention._sparse_attention_kernel, attention._ATTENTION, c)
+            try:
+                ms = time_ms(run(base, idx), device)[1]
+            except Exception as e:
+                log(f"  attn {name(c)}: {type(e).__name__} {str(e)[:80]}")
+                continue
+            label = "autotuned " + name(attention._sparse_attention_kernel.best_config) if c is None else name(c)
+            res.append({"config": label, "nsplit": base, "ms": ms, "tbps": attn_mb / ms / 1e3})
+            log(f"  attn {label:34} nsplit {base:3} {ms:.4f} ms {attn_mb / ms / 1e3:5.2f} TB/s")
+        forced(attention._sparse_attention_kernel, attention._ATTENTION, None)
+        for ns in sorted({max(1, base // 2), base * 2, base * 4, min(64, base * 8)}):
+            ms = time_ms(run(ns, idx), device)[1]
+            res.append({"config": "autotuned", "nsplit": ns, "ms": ms, "tbps": attn_mb / ms / 1e3})
+            log(f"  attn autotuned nsplit {ns:3} {ms:.4f} ms {attn_mb / ms / 1e3:5.2f} TB/s")
+        ms = time_ms(run(base, contiguous), device)[1]
+        res.append({"config": "autotuned, contiguous rows", "nsplit": base, "ms": ms, "tbps": attn_mb / ms / 1e3})
+        log(f"  attn contiguous kept rows nsplit {base} {ms:.4f} ms {attn_mb / ms / 1e3:5.2f} TB/s")
+        out["attn"] = res
+        out["attn_mb"] = attn_mb
+    out["score_mb"] = score_mb
+    return out
+
+
+def pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--parts", default="score,select,attn")
+    parser.add_argument("--out", type=Path, default=Path("runs/stage_lab"))
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = open(args.out / "stage_lab.log", "a")
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    log(f"{gpu} torch {torch.__version__} triton {triton.__version__}")
+    results = []
+    for shape in args.shapes.split(","):
+        preset, b, s, group = shape.split(":")
+        results.append(measure(preset, int(b), int(s), group, set(args.parts.split(",")) - {"none"}, device, log))
+        torch.cuda.empty_cache()
+    (args.out / "stage_lab.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
