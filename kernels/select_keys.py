@@ -47,15 +47,20 @@ def _prefix_rank(mask, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _bisect(lo, hi, mid, count, kk):
+    """One bisection step of the threshold search: [lo, hi] narrowed by count = #(keys >= mid); a count
+    of exactly kk ends the search at mid (lo = hi)."""
+    ok = count >= kk
+    return tl.where(ok, mid, lo), tl.where(count == kk, mid, tl.where(ok, hi, mid - 1))
+
+
+@triton.jit
 def _kth_key(keys, kk, lo, hi):
     """A threshold t in [lo, hi] with #(keys >= t) = kk if one exists, else the kk-th largest key,
     given #(keys >= lo) >= kk and that it lies in [lo, hi] (padding keys are INT32_MIN). lo, hi int64."""
     while lo < hi:
         mid = lo + (hi - lo + 1) // 2
-        count = tl.sum(tl.where(keys >= mid.to(tl.int32), 1, 0))
-        ok = count >= kk
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(count == kk, mid, tl.where(ok, hi, mid - 1))
+        lo, hi = _bisect(lo, hi, mid, tl.sum(tl.where(keys >= mid.to(tl.int32), 1, 0)), kk)
     return lo.to(tl.int32)
 
 

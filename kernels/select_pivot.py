@@ -26,7 +26,7 @@ import math
 import triton
 import triton.language as tl
 
-from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
+from .select_keys import _bisect, _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
 SAMPLE = 2048  # keys per row sample: sorting 4096 cost 0.10 ms a wave of rows on an H200, 2048 0.03 ms
 MARGIN = 5.0  # bracket half-width, in standard deviations of the sample rank of the k-th key (a miss: ~6e-7 a row)
@@ -104,9 +104,7 @@ def _row_kth_key(row_ptr, n, kk, CH: tl.constexpr):
         count = n * 0
         for start in range(0, n, CH):
             count += tl.sum(tl.where(_load_keys(row_ptr, start + offs, n) >= mid.to(tl.int32), 1, 0), axis=0)
-        ok = count >= kk
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(count == kk, mid, tl.where(ok, hi, mid - 1))
+        lo, hi = _bisect(lo, hi, mid, count, kk)
     return lo.to(tl.int32)
 
 
