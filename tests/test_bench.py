@@ -141,10 +141,10 @@ def test_l2_flush_setting_is_checked(monkeypatch):
     from lokitool.bench.timing import time_ms
 
     calls = []
-    with pytest.raises(ValueError, match="'read' or 'write'"):
+    with pytest.raises(UserError, match="'read' or 'write'"):
         time_ms(lambda: calls.append(1), torch.device("cpu"), flush="dirty")
     monkeypatch.setenv("LOKITOOL_L2_FLUSH", "zero")
-    with pytest.raises(ValueError, match="LOKITOOL_L2_FLUSH"):
+    with pytest.raises(UserError, match="LOKITOOL_L2_FLUSH"):
         time_ms(lambda: calls.append(1), torch.device("cpu"))
     assert not calls
     monkeypatch.setenv("LOKITOOL_L2_FLUSH", "read")

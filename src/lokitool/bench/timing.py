@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -50,10 +52,10 @@ _flush_buffers: dict = {}
 
 def _flush_by_reading(device: torch.device) -> Callable[[], object]:
     """Evict the L2 cache by reading a buffer larger than it: what is left there is clean. (do_bench's
-    own flush zeroes its buffer, which leaves the L2 full of dirty lines: the timed kernel then pays
-    for writing ~50 MB of someone else's data back to memory, ~10 us on an H200; a decode step, which
-    follows layers that mostly read weights, does not. That cost is the same for every method, so it
-    compresses speedups of short steps toward 1.)"""
+    own flush zeroes its buffer, which leaves the L2 full of dirty lines: the first kernel timed then
+    writes up to ~50 MB of someone else's data back to memory as it reads; a decode step, which follows
+    layers that mostly read weights, does not. Measured on an H200, that costs SDPA's step 5-10 us and
+    Loki's 1-5 us, so it does not flatter Loki.)"""
     buf = _flush_buffers.get(device)
     if buf is None:
         buf = _flush_buffers[device] = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
@@ -96,7 +98,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, rep_ms: int = 100
     On the CPU: wall-clock times of plain calls."""
     flush = flush or os.environ.get("LOKITOOL_L2_FLUSH", "write")
     if flush not in ("read", "write"):
-        raise ValueError(f"L2 flush must be 'read' or 'write' (LOKITOOL_L2_FLUSH), not {flush!r}")
+        raise UserError(f"the L2 flush must be 'read' or 'write' (LOKITOOL_L2_FLUSH), not {flush!r}")
     if device.type != "cuda":
         return _time_cpu(fn, rep_ms)
     from triton.testing import do_bench
