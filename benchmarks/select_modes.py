@@ -20,11 +20,6 @@ import os
 from pathlib import Path
 
 import torch
-
-from lokitool.bench.kernels import sdpa_decode
-from lokitool.bench.presets import PRESETS
-from lokitool.bench.timing import time_ms
-from lokitool.fileio import write_text_atomic
 from lokitool.kernels import (
     clear_plans,
     decode_budgets,
@@ -35,6 +30,11 @@ from lokitool.kernels import (
     selection_mode,
     split_keys,
 )
+
+from lokitool.bench.kernels import sdpa_decode
+from lokitool.bench.presets import PRESETS
+from lokitool.bench.timing import time_ms
+from lokitool.fileio import write_text_atomic
 from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_SHAPES = (

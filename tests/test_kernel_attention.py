@@ -36,3 +36,18 @@ def test_sparse_attention_any_split(nsplit, group):
     assert_close(got, want, **TOL[torch.float16], what=f"attention with {nsplit} pieces")
 
 
+
+
+def test_split_count_by_rows():
+    """num_splits (H200, 132 multiprocessors): batch-1 row counts keep ~8 programs per multiprocessor (fewer
+    pieces made their whole step slower); many rows get ~4 and at least 2 pieces; pieces never shorter than
+    64 kept rows, never more than 64 of them."""
+    from lokitool.kernels.attention import num_splits
+
+    sms = 132
+    assert num_splits(40, 8192, sms) == 27  # llama2-13b, batch 1, 32k
+    assert num_splits(8, 8192, sms) == 64  # llama3-8b kv, batch 1: capped at 64
+    assert num_splits(128, 4096, sms) == 5  # llama3-8b kv, batch 16, 16k
+    assert num_splits(640, 16384, sms) == 2  # llama2-13b, batch 16, 64k: at least 2
+    assert num_splits(640, 64, sms) == 1  # one piece of 64 kept rows
+    assert num_splits(40, 200, sms) == 4  # pieces of >= 64 kept rows
