@@ -18,6 +18,7 @@ import torch
 import triton
 from lokitool.kernels import attention, decode_budgets, loki_decode, loki_scores, score, split_keys
 from lokitool.kernels import select as sel
+from lokitool.kernels._common import pow2
 
 from lokitool.bench.kernels import sdpa_decode
 from lokitool.bench.presets import PRESETS
@@ -68,7 +69,7 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
         configs = list(score._score_kernel.configs) + [triton.Config({"BLOCK_S": a, "STEPS": st}, num_warps=w, num_stages=ns)
                                                         for a, st, w, ns in EXTRA_SCORE]
         for c in [None] + configs:
-            if c is not None and c.kwargs["BLOCK_S"] * pow2(d) > 16384:
+            if c is not None and c.kwargs["BLOCK_S"] * pow2(d, 16) > 16384:  # score._prune's bound
                 continue
             forced(score._score_kernel, score._SCORE, c)
             ms = time_ms(lambda: loki_scores(q, k, lengths, d=d, group=group), device)[1]
@@ -142,10 +143,6 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
         out["attn_mb"] = attn_mb
     out["score_mb"] = score_mb
     return out
-
-
-def pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
 
 
 def main() -> None:
