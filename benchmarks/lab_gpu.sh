@@ -7,6 +7,10 @@
 #   stages  each stage alone under every autotune config, the attention at several split counts and on
 #           contiguous rows, the selection's launches as cumulative prefixes ($SHAPES)
 #   host    one loki_decode call's host time (benchmarks/host_overhead.py)
+#   rowcap  the row selection with longer register tiles (LOKITOOL_ROW_CAP 32768, 65536) against the
+#           split and pivot modes, whole steps (benchmarks/select_modes.py; $ROWCAP_SHAPES)
+#   e2eprof the static loop's step kernel by kernel, full attention and Loki (benchmarks/e2e_profile.py;
+#           $E2E_ARGS)
 # STEPS picks steps (default: all). Set PYTHON for the interpreter, INSTALL=0 to skip the install.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +19,7 @@ R=$OUT/lab
 mkdir -p "$R"
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
-STEPS=" ${STEPS:-tests flush stages host} "
+STEPS=" ${STEPS:-tests flush stages host rowcap e2eprof} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 lab() { local name=$1 t=$2; shift 2; timeout "$t" $PY benchmarks/stage_lab.py "$@" --out "$R/$name" > "$R/$name.out" 2>&1; echo "$name rc $?"; }
 if want tests; then
@@ -34,6 +38,20 @@ fi
 if want host; then
   timeout 90 $PY benchmarks/host_overhead.py --out "$R/host" > "$R/host.out" 2>&1; echo "host rc $?"
 fi
+if want e2eprof; then
+  timeout 300 $PY benchmarks/e2e_profile.py ${E2E_ARGS:---model llama3-8b --batch 16 --context 16384 --group kv --compile} \
+    --out "$R/e2eprof" > "$R/e2eprof.out" 2>&1; echo "e2eprof rc $?"
+fi
+if want rowcap; then
+  for cap in 32768 65536; do
+    if [ $cap = 32768 ]; then shapes=llama3-8b:1:32768:kv,llama2-13b:1:32768:head,llama3-8b:16:32768:kv,llama2-13b:16:32768:head
+    else shapes=llama3-8b:1:65536:kv,llama2-13b:1:65536:head; fi
+    shapes=${ROWCAP_SHAPES:-$shapes}
+    LOKITOOL_ROW_CAP=$cap timeout 200 $PY benchmarks/select_modes.py --shapes "$shapes" --out "$R/rowcap$cap" > "$R/rowcap$cap.out" 2>&1
+    echo "rowcap $cap rc $?"
+  done
+fi
 tar czf "$OUT/lab.tar.gz" -C "$OUT" lab
 for f in "$R"/*/stage_lab.log; do echo "== ${f#$R/}"; grep -E "loki|select |row kernel autotuned|attn autotuned|contiguous" "$f"; done
 head -12 "$R/host.out" 2>/dev/null
+cat "$R"/e2eprof.out "$R"/rowcap*.out 2>/dev/null | grep -v "^\s*$" | tail -80

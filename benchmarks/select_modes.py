@@ -3,7 +3,8 @@
     python benchmarks/select_modes.py [--shapes llama2-13b:1:32768:head,...] [--out DIR]
 
 For each shape (preset:batch:context:group; keys in the two-plane layout, fp16, kf = df = 0.25, all
-sequences full) and each mode that can run it ("row": a program per row, rows up to 16384 tokens;
+sequences full) and each mode that can run it ("row": a program per row, rows up to 16384 tokens
+or LOKITOOL_ROW_CAP;
 "split": a row over many programs), the median time (CUDA-graph replays, L2 flushed before each,
 and plain launches) of the selection alone (select_topk) and of the whole loki_decode step, next to
 SDPA over the whole cache; and, per mode, the selection rows whose kept tokens differ from exact
@@ -30,6 +31,7 @@ from lokitool.kernels import (
     selection_mode,
     split_keys,
 )
+from lokitool.kernels.select import row_cap
 
 from lokitool.bench.kernels import sdpa_decode
 from lokitool.bench.presets import PRESETS
@@ -82,7 +84,7 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> di
     }
     want = exact_mask(scores, lengths, budgets)
     for mode in ("row", "split", "pivot"):
-        if mode == "row" and s > 16384:
+        if mode == "row" and s > row_cap():
             continue
         os.environ["LOKITOOL_SELECT"] = mode
         sel = lambda mode=mode: select_topk(scores, lengths, budgets, kmax=kmax, mode=mode)

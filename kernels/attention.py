@@ -15,6 +15,8 @@ kept row is read once for all of them).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -53,12 +55,11 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr):
+                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr, DC: tl.constexpr):
     """out[b, h] = the pieces' partial outputs weighted by their share of the softmax (from their
     log-sum-exps, base 2; stored in out's dtype); empty pieces (lse -inf) weigh 0. Pieces are read past L1 (.cg): other
     programs wrote them. 32 dims at a time, so that merging inside the attention kernel adds few
     registers to it."""
-    DC: tl.constexpr = 32 if DPAD > 32 else DPAD
     offs_s = tl.arange(0, NSPLIT_PAD)
     s_ok = offs_s < nsplit
     lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
@@ -90,7 +91,7 @@ def _sparse_attention_kernel(
     num_rows, group_size, head_dim, d_low, scale_log2, nsplit, ROWS_HINT,
     QPS: tl.constexpr, QPS_PAD: tl.constexpr, DPAD: tl.constexpr,
     SPLIT: tl.constexpr, DLP: tl.constexpr, DHP: tl.constexpr, HAS_HIGH: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, MERGE: tl.constexpr, NSPLIT_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, MERGE: tl.constexpr, NSPLIT_PAD: tl.constexpr, MERGE_DC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_split = tl.program_id(0)
     pid_row = tl.program_id(1)
@@ -162,7 +163,7 @@ def _sparse_attention_kernel(
         if finished == nsplit - 1:
             for g in range(QPS):
                 _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h0 + g, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                              stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD)
+                              stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD, MERGE_DC)
             tl.store(done_ptr + pid_row, 0)
 
 
@@ -174,13 +175,13 @@ def _merge_kernel(
     o_part_ptr, lse_part_ptr, out_ptr,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
     num_heads, head_dim, nsplit,
-    NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr,
+    NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr, MERGE_DC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // num_heads).to(tl.int64)
     h = pid % num_heads
     _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD)
+                  stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD, DPAD, MERGE_DC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +200,19 @@ def num_splits(rows: int, kmax: int, num_sms: int) -> int:
     else:
         want = max(2, triton.cdiv(4 * num_sms, rows))
     return max(1, min(want, triton.cdiv(kmax, 64), 64))
+
+
+MERGE_TILE = 8192  # partial-output elements the merge loads at once (a head's pieces x dims)
+
+
+def merge_dims(nsplit: int, dim: int) -> int:
+    """Dims per load of the merge: all of a head's pieces and dims in one load where they fit MERGE_TILE,
+    so merging a head waits on memory once (LOKITOOL_MERGE_DC: a fixed width; benchmarks)."""
+    forced = os.environ.get("LOKITOOL_MERGE_DC")
+    dpad = pow2(dim, 16)
+    if forced:
+        return min(dpad, int(forced))
+    return min(dpad, max(16, MERGE_TILE // pow2(nsplit)))
 
 
 def _launch(
@@ -223,7 +237,7 @@ def _launch(
     assert o_part.shape == (b, h, nsplit, dim) and lse_part.shape == (b, h, nsplit)
     merge = out is not None
     if merge:
-        assert out.shape == (b, h, dim) and out.dtype == torch.float32 and out.stride(-1) == 1
+        assert out.shape == (b, h, dim) and out.stride(-1) == 1
         assert done is not None and done.numel() == b * rows and done.dtype == torch.int32
     grid = (nsplit, b * rows)
     _ATTENTION.launch(
@@ -237,7 +251,7 @@ def _launch(
         stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
         out_ptr=out if merge else o_part, done_ptr=done if merge else budgets,
         stride_outb=out.stride(0) if merge else 0, stride_outh=out.stride(1) if merge else 0,
-        MERGE=merge, NSPLIT_PAD=pow2(nsplit),
+        MERGE=merge, NSPLIT_PAD=pow2(nsplit), MERGE_DC=merge_dims(nsplit, dim),
         num_rows=rows, group_size=h // hkv, head_dim=dim, d_low=d_low, scale_log2=scaling * LOG2E,
         nsplit=nsplit, ROWS_HINT=pow2(triton.cdiv(kmax, nsplit)),
         QPS=qps, QPS_PAD=pow2(qps, 16), DPAD=pow2(dim, 16),
@@ -258,7 +272,7 @@ def launch_merge(*, o_part, lse_part, out) -> None:
         stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
         stride_outb=out.stride(0), stride_outh=out.stride(1),
         num_heads=h, head_dim=dim, nsplit=nsplit,
-        NSPLIT_PAD=pow2(nsplit), DPAD=pow2(dim, 16),
+        NSPLIT_PAD=pow2(nsplit), DPAD=pow2(dim, 16), MERGE_DC=merge_dims(nsplit, dim),
     )
 
 

@@ -44,7 +44,8 @@ from . import select_pivot
 from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
 from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
-DEFAULT_BLOCK_CAP = 16384  # longest row held in registers
+DEFAULT_BLOCK_CAP = 32768  # longest row held in registers (LOKITOOL_ROW_CAP overrides: row_cap)
+SHORT_ROW = 16384  # rows up to this go to the row kernel however few; longer ones only where rows are many
 GROUP = 32  # tokens per bit-mask group
 WRITE_CHUNK = 1024  # tokens per program of the index-writing kernel
 ROW_WRITTEN = tl.constexpr(2147483647)  # threshold slot of a row its own program wrote (only one NaN has this key)
@@ -354,7 +355,19 @@ def split_warps(chunk: int) -> int:
     return 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
 
 
-def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_BLOCK_CAP) -> str:
+def row_cap() -> int:
+    """Longest row the row kernel holds in registers: DEFAULT_BLOCK_CAP, or LOKITOOL_ROW_CAP (a power of
+    two from 128 to 65536; benchmarks compare longer register tiles with the split and pivot modes)."""
+    raw = os.environ.get("LOKITOOL_ROW_CAP")
+    if raw is None:
+        return DEFAULT_BLOCK_CAP
+    cap = int(raw) if raw.isdigit() else 0
+    if not (128 <= cap <= 65536 and cap == pow2(cap, 1)):
+        raise ValueError(f"LOKITOOL_ROW_CAP={raw!r} must be a power of two from 128 to 65536")
+    return cap
+
+
+def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = None) -> str:
     """"row" (a program per row) for rows that fit the register tile; longer rows over many programs:
     "pivot" (select_pivot.py) where rows x tokens reach PIVOT_MIN_KEYS, "split" (radix passes) otherwise.
     On an H200 (benchmarks/select_modes.py and select_profile.py, llama2-13b / llama3-8b shapes, kf 0.25):
@@ -365,13 +378,20 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int = DEFAULT_
     640 rows of 131072 tokens, 0.86 ms against 1.62 for the radix passes; 40 x 131072 (batch 1), 0.098
     against 0.119; 8 x 131072 (batch 1, group kv), 0.058 against 0.040. Its candidates fit up to
     select_pivot.MAX_TOKENS a row; longer rows go to split.
+    Rows of 16384-32768 tokens (a 32768-key tile, 16-32 warps): whole loki_decode steps at 32k
+    (LOKITOOL_ROW_CAP, benchmarks/select_modes.py) were faster in the row kernel than in pivot at 128 and
+    640 rows (0.275 vs 0.299 ms, 1.179 vs 1.277) and than split at 40 (0.127 vs 0.133), slower than split
+    at 8 (0.072 vs 0.061): such rows take the row kernel where they are at least a quarter as many as the
+    multiprocessors. A 65536-key tile lost to split and pivot everywhere (0.148 vs 0.082 ms at 8 rows,
+    0.278 vs 0.226 at 40).
     LOKITOOL_SELECT=row|split|pivot forces a mode (row only where it can run; benchmarks)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
         raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
+    block_cap = block_cap or row_cap()
     fits = s <= pow2(block_cap, 128)  # the row kernel holds whole rows only
     if forced == "auto" or (forced == "row" and not fits):
-        if fits:
+        if fits and (s <= SHORT_ROW or 4 * total_rows >= num_sms):
             return "row"
         return "pivot" if s <= select_pivot.MAX_TOKENS and total_rows * s >= PIVOT_MIN_KEYS else "split"
     return forced
@@ -390,14 +410,14 @@ class SelectPlan:
     "pivot": chunks as split, a `sample`-key row sample, `cap` candidate slots per row (select_pivot.py)."""
 
     def __init__(
-        self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int = DEFAULT_BLOCK_CAP,
+        self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int | None = None,
         chunk: int | None = None, digits: tuple[int, ...] = DIGITS, cap: int | None = None, sample: int = select_pivot.SAMPLE,
     ):
         assert mode in ("row", "split", "pivot"), mode
         self.mode = mode
         i32 = dict(dtype=torch.int32, device=device)
         if mode == "row":
-            self.block = tile(s, block_cap)
+            self.block = tile(s, block_cap or row_cap())
             assert s <= self.block, (s, self.block)
             nch = max(1, self.block // WRITE_CHUNK)
             self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
@@ -506,13 +526,13 @@ def decode_budgets(lengths: torch.Tensor, kf: float) -> torch.Tensor:
     return budgets
 
 
-def tile(s: int, block_cap: int = DEFAULT_BLOCK_CAP) -> int:
+def tile(s: int, block_cap: int) -> int:
     """Tokens a row program holds in registers: the row length, as a power of two in [128, block_cap]."""
     return min(pow2(s, 128), pow2(block_cap, 128))
 
 
 def select_topk(
-    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int = DEFAULT_BLOCK_CAP,
+    scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, *, kmax: int, block_cap: int | None = None,
     mode: str = "auto", chunk: int | None = None, cap: int | None = None,
 ) -> torch.Tensor:
     """Kept token indices [B, R, kmax] int32 of scores [B, R, S]: row (b, r) lists its budgets[b]
@@ -526,7 +546,7 @@ def select_topk(
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
     if mode == "auto":
         mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap)
-    elif mode == "row" and s > pow2(block_cap, 128):
+    elif mode == "row" and s > pow2(block_cap or row_cap(), 128):
         mode = "split"
     if lengths.dtype != torch.int32:
         lengths = lengths.to(torch.int32)

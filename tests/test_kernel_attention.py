@@ -38,6 +38,34 @@ def test_sparse_attention_any_split(nsplit, group):
 
 
 
+def test_merge_in_narrower_loads_gives_the_same_bits(monkeypatch):
+    """The merge loads a head's pieces x dims at once where they fit MERGE_TILE, else in narrower
+    column blocks (merge_dims; LOKITOOL_MERGE_DC forces a width): the same output bit for bit, in the
+    merge kernel and in the attention's own last-piece merge (loki_decode)."""
+    from lokitool.kernels import attention, clear_plans, loki_decode
+
+    assert attention.merge_dims(64, 128) == 128 and attention.merge_dims(9, 128) == 128
+    assert attention.merge_dims(64, 256) == 128 and attention.merge_dims(64, 48) == 64  # padded head dim
+    b, h, hkv, s, dim, kf = 2, 4, 2, 120, 64, 0.5
+    q, k, v = make_cache(b, h, hkv, s, dim, torch.float16, seed=9)
+    lengths = torch.tensor([120, 50], dtype=torch.int32, device=DEVICE)
+    spec = LokiSpec(kf=kf, df=0.25, group="kv")
+    budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
+    idx = select_topk(reference_scores(q, k, 16, "kv").float().to(DEVICE), lengths, budgets, kmax=spec.max_budget(s))
+
+    def both():
+        clear_plans()
+        sparse = sparse_decode_attention(q, k, v, idx, budgets, scaling=dim**-0.5, group="kv", nsplit=4)
+        return sparse, loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+
+    wide = both()
+    monkeypatch.setenv("LOKITOOL_MERGE_DC", "16")
+    assert attention.merge_dims(64, 128) == 16
+    narrow = both()
+    clear_plans()
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
+
+
 def test_split_count_by_rows():
     """num_splits (H200, 132 multiprocessors): batch-1 row counts keep ~8 programs per multiprocessor (fewer
     pieces made their whole step slower); many rows get ~4 and at least 2 pieces; pieces never shorter than

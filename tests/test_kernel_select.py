@@ -187,13 +187,14 @@ def test_split_selection_reuses_its_scratch():
 @pytest.mark.skipif(not ON_GPU, reason="decode-scale rows: minutes on the interpreter")
 @pytest.mark.parametrize("mode", ["row", "split"])
 @pytest.mark.parametrize("group_sum", [1, 4], ids=["head", "kv-sum"])
-def test_select_at_decode_scale(mode, group_sum):
-    """Rows of 16384 scores as the decode step makes them (sums of `group_sum` query heads' scores for
-    group kv), 16 x 8 rows, ragged, ties planted at each row's threshold, compiled kernels at their
-    autotuned configs: exactly the stable top-k."""
+@pytest.mark.parametrize("s", [16384, 32768], ids=["16k", "32k"])
+def test_select_at_decode_scale(mode, group_sum, s):
+    """Rows of 16384 and 32768 scores (the register tile's two sizes) as the decode step makes them
+    (sums of `group_sum` query heads' scores for group kv), 16 x 8 rows, ragged, ties planted at each
+    row's threshold, compiled kernels at their autotuned configs: exactly the stable top-k."""
     import os
 
-    b, rows, s, kf = 16, 8, 16384, 0.25
+    b, rows, kf = 16, 8, 0.25
     g = torch.Generator().manual_seed(group_sum)
     scores = sum(torch.randn(b, rows, s, generator=g) * 2 for _ in range(group_sum)).float()
     lengths = torch.randint(s // 2, s + 1, (b,), generator=g).to(torch.int32)
@@ -222,15 +223,30 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     from lokitool.kernels import select
 
     monkeypatch.delenv("LOKITOOL_SELECT", raising=False)
+    monkeypatch.delenv("LOKITOOL_ROW_CAP", raising=False)
     assert select.choose_mode(640, 16384, 132) == "row"
-    assert select.choose_mode(640, 32768, 132) == "pivot"
+    assert select.choose_mode(8, 16384, 132) == "row"
+    assert select.choose_mode(640, 32768, 132) == "row"  # the 32768-key tile where rows are many
+    assert select.choose_mode(33, 20000, 132) == "row"
+    assert select.choose_mode(32, 20000, 132) == "split"  # batch 1, group kv: few rows spread over programs
+    assert select.choose_mode(640, 65536, 132) == "pivot"
     assert select.choose_mode(40, 131072, 132) == "pivot"
     assert select.choose_mode(8, 131072, 132) == "split"  # batch 1, group kv: too few keys for the sample to pay
     assert select.choose_mode(640, 262144, 132) == "split"  # past select_pivot.MAX_TOKENS
     monkeypatch.setenv("LOKITOOL_SELECT", "split")
     assert select.choose_mode(640, 4096, 132) == "split"
     monkeypatch.setenv("LOKITOOL_SELECT", "row")
-    assert select.choose_mode(640, 32768, 132) == "pivot"
+    assert select.choose_mode(8, 32768, 132) == "row"
+    assert select.choose_mode(640, 65536, 132) == "pivot"
     monkeypatch.setenv("LOKITOOL_SELECT", "fast")
     with pytest.raises(ValueError, match="LOKITOOL_SELECT"):
         select.choose_mode(1, 100, 132)
+    monkeypatch.delenv("LOKITOOL_SELECT")
+    monkeypatch.setenv("LOKITOOL_ROW_CAP", "16384")  # a benchmark's shorter tile
+    assert select.row_cap() == 16384 and select.choose_mode(640, 32768, 132) == "pivot"
+    monkeypatch.setenv("LOKITOOL_ROW_CAP", "65536")
+    assert select.choose_mode(640, 65536, 132) == "row"
+    for bad in ("3000", "131072", "64", "big"):
+        monkeypatch.setenv("LOKITOOL_ROW_CAP", bad)
+        with pytest.raises(ValueError, match="LOKITOOL_ROW_CAP"):
+            select.choose_mode(640, 4096, 132)
