@@ -88,7 +88,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plain = [r for r in rows if r.get("compiled") != "True"]
     compiled = [r for r in rows if r.get("compiled") == "True"]
-    text = table(plain) + (("\nWith the norms and MLPs compiled (`--compile`):\n\n" + table(compiled)) if compiled else "")
+    sections = ([table(plain)] if plain else []) + (["With the norms and MLPs compiled (`--compile`):\n\n" + table(compiled)] if compiled else [])
+    text = "\n".join(sections)
     write_text_atomic(args.out / "table.md", text)
     plot(rows, args.out / "e2e.png")
     print(text)

@@ -22,7 +22,7 @@ Host cost: a decode step also runs outside a CUDA graph (eager decoding, a serve
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
 every stage, and a record of its launches (four; six when the selection runs in pivot mode, on
-rows longer than 16384 tokens, seven in radix "split" mode: select.py) (compiled kernel, grid, arguments; _common.Recorded),
+rows past the register tile, seven in radix "split" mode: select.py) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes, devices,
 pointer alignments, settings and stream check nothing again and replay the record with their own
 tensors swapped in: a key lookup, one allocation (the output) and the launches, every pointer passed
@@ -166,10 +166,11 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _plan_key(q_rot, k_rot, v, lengths, spec: LokiSpec, scaling: float, stream: int | None) -> tuple:
+def _plan_key(q_rot, k_rot, v, lengths, spec: LokiSpec, scaling: float, stream: int | None, out_dtype: torch.dtype) -> tuple:
     """What a record depends on: shapes, strides, dtypes, devices, 16-byte alignment of every pointer,
-    the settings and the stream (a replay passes raw addresses: nothing checks a tensor's device then)."""
-    parts = [spec.kf, spec.df, spec.group, scaling, q_rot.device, stream]
+    the settings, the output's dtype and the stream (a replay passes raw addresses: nothing checks a
+    tensor's device then)."""
+    parts = [spec.kf, spec.df, spec.group, scaling, q_rot.device, stream, out_dtype]
     planes = (k_rot.low, k_rot.high) if isinstance(k_rot, LokiKeys) else (k_rot, None)
     for t in (q_rot, *planes, v):
         if t is None:
@@ -192,15 +193,19 @@ def loki_decode(
     *,
     spec: LokiSpec,
     scaling: float,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One Loki decode step: [B, H, D] float32 (see the module docstring); d = spec.dims(D)."""
+    """One Loki decode step: [B, H, D] in out_dtype (float32, or the cache's dtype: the merge rounds
+    once as it stores, saving the caller a cast); see the module docstring; d = spec.dims(D)."""
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if lengths.dtype != torch.int32 or lengths.device != q_rot.device:
         check_inputs(q_rot, k_rot, v, lengths, d=spec.dims(q_rot.shape[-1]))  # range-checks CPU lengths
         lengths = lengths.to(device=q_rot.device, dtype=torch.int32)
     stream = _current_stream(q_rot.device.index) if q_rot.is_cuda else None
-    key = _plan_key(q_rot, k_rot, v, lengths, spec, scaling, stream)
+    key = _plan_key(q_rot, k_rot, v, lengths, spec, scaling, stream, out_dtype)
     plan = _PLANS.get(key)
-    out = torch.empty(q_rot.shape, dtype=torch.float32, device=q_rot.device)  # [B, H, D]
+    out = torch.empty(q_rot.shape, dtype=out_dtype, device=q_rot.device)  # [B, H, D]
     if plan is None:
         d = spec.dims(q_rot.shape[-1])
         check_inputs(q_rot, k_rot, v, lengths, d=d)

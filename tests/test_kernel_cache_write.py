@@ -12,7 +12,6 @@ from kernel_support import (
     assert_close,
     loki,
 )
-
 from lokitool.kernels import LokiKeys, rotate_queries, write_decode_kv
 
 
@@ -21,7 +20,7 @@ def random_basis(hkv, dim, seed=0):
     return torch.linalg.qr(torch.randn(hkv, dim, dim, generator=g, dtype=torch.float64))[0].float().contiguous()
 
 
-@pytest.mark.parametrize("hkv, dim, d", [(2, 32, 8), (3, 48, 12), (1, 16, 16)])
+@pytest.mark.parametrize("hkv, dim, d", [(2, 32, 8), (3, 48, 12), (1, 16, 16), (2, 128, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_write_rotates_splits_and_writes_at_each_position(hkv, dim, d, dtype):
     b, cap = 3, 20
@@ -57,7 +56,7 @@ def test_write_without_a_basis_copies_into_one_key_tensor():
     assert torch.equal(v[0, :, 8].cpu(), v_new[0].cpu()) and int((k != 0).sum()) == int((k_new != 0).sum())
 
 
-@pytest.mark.parametrize("h, hkv, dim", [(6, 2, 32), (4, 4, 48), (8, 1, 16)])
+@pytest.mark.parametrize("h, hkv, dim", [(6, 2, 32), (4, 4, 48), (8, 1, 16), (8, 2, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rotate_queries_matches_the_reference_rotation(h, hkv, dim, dtype):
     b = 3

@@ -67,6 +67,27 @@ def test_plans_are_replayed_only_for_calls_that_match(layout):
     clear_plans()
 
 
+def test_output_in_the_cache_dtype_is_the_float32_output_rounded_once():
+    """out_dtype=float16 (the static loop's: no cast after the call) gives the float32 output rounded
+    to float16, bit for bit, through a plan of its own; replays of both plans agree again."""
+    import importlib
+
+    plans = importlib.import_module("lokitool.kernels.loki_decode")._PLANS
+    b, h, hkv, s, dim = 2, 4, 2, 70, 32
+    q, k, v = make_cache(b, h, hkv, s, dim, torch.float16, seed=4)
+    lengths = torch.tensor([70, 41], dtype=torch.int32, device=DEVICE)
+    spec = LokiSpec(kf=0.3, df=0.25, group="kv")
+    clear_plans()
+    wide = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
+    half = loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5, out_dtype=torch.float16)
+    assert wide.dtype == torch.float32 and half.dtype == torch.float16 and len(plans) == 2
+    assert torch.equal(half, wide.half())
+    assert torch.equal(loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5, out_dtype=torch.float16), half)
+    with pytest.raises(ValueError, match="out_dtype"):
+        loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5, out_dtype=torch.int32)
+    clear_plans()
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
 @pytest.mark.parametrize(
     "layout,select_mode,group,launches",

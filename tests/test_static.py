@@ -128,3 +128,80 @@ def test_compiled_norms_and_mlps_give_the_same_tokens_and_are_removed_after(tiny
     assert torch.equal(got, want)
     assert "forward" not in model.model.norm.__dict__ and model.model.norm.forward.__func__ is norm_forward
     assert modeling.apply_rotary_pos_emb is rotary
+
+
+def test_fused_projections_compute_q_k_v_in_one_multiply_and_give_the_same_tokens(tiny_gqa):
+    """Inside fused_projections each attention module runs one matrix multiply for q, k and v (k_proj
+    and v_proj hand back its slices), the projections equal the separate ones, the static loop's tokens
+    are unchanged, and afterwards the forwards are the modules' own (weights keep their values)."""
+    import torch.nn.functional as F
+
+    loaded, cal = tiny_gqa
+    model = loaded.model
+    attn = model.model.layers[1].self_attn
+    before = [p.weight.detach().clone() for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    x = torch.randn(2, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(2, 20, seed=3)
+    spec = LokiSpec(kf=0.25, df=0.25)
+    want = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    calls = []
+    real_linear = F.linear
+
+    def counting(inp, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return real_linear(inp, weight, bias)
+
+    with static.fused_projections(model) as count, torch.no_grad():
+        assert count == len(model.model.layers)
+        F.linear = counting
+        try:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            assert calls == [(sum(w.shape[0] for w in before), model.config.hidden_size)]  # one multiply for the three
+            other = attn.k_proj(x.clone())  # not the input q_proj saw: its own multiply
+            assert len(calls) == 2 and calls[1] == tuple(before[1].shape)
+        finally:
+            F.linear = real_linear
+        for got, w in zip((q, k, v, other), (*before, before[1])):
+            torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-5)
+        got = gen.generate_with(model, loaded.facts, ids, 12, spec, cal, static_loop=True)
+    assert torch.equal(got, want)
+    for p, w in zip((attn.q_proj, attn.k_proj, attn.v_proj), before):
+        assert "forward" not in p.__dict__ and torch.equal(p.weight, w)
+
+
+def test_fused_projections_keep_biases_and_skip_what_they_cannot_fuse():
+    """Biased q, k, v (Qwen2) are fused with their biases; a module whose projections differ in input
+    size, or that has a bias on some only, is left alone."""
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self, idx, bias_k=True, k_in=8):
+            super().__init__()
+            self.layer_idx = idx
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(k_in, 4, bias=bias_k), nn.Linear(8, 4)
+
+    model = nn.ModuleList([Attn(0), Attn(1, bias_k=False), Attn(2, k_in=6)])
+    x = torch.randn(3, 8)
+    want = [m.q_proj(x) + 0 for m in model], model[0].k_proj(x), model[0].v_proj(x)
+    with static.fused_projections(model) as count, torch.no_grad():
+        assert count == 1 and "forward" in model[0].q_proj.__dict__ and "forward" not in model[1].q_proj.__dict__
+        q, k, v = model[0].q_proj(x), model[0].k_proj(x), model[0].v_proj(x)
+    torch.testing.assert_close(q, want[0][0])
+    torch.testing.assert_close(k, want[1])
+    torch.testing.assert_close(v, want[2])
+
+
+@pytest.mark.parametrize("v", [1, 255, 256, 1000, 49152])
+def test_greedy_tokens_are_torch_argmax(v):
+    """The two-stage argmax of the static loop picks what torch.argmax picks: the first maximum (ties
+    across and inside chunks), NaN as the maximum, a row of -inf, vocabularies of any size."""
+    g = torch.Generator().manual_seed(v)
+    logits = torch.randint(-4, 5, (6, v), generator=g).float()  # many ties
+    logits[1] = torch.randn(v, generator=g)
+    logits[2] = float("-inf")
+    logits[3, v // 2] = float("nan")
+    logits[4, -1] = 99.0  # the last logit, past every full chunk
+    logits[5, :] = 7.0
+    assert torch.equal(static.greedy_tokens(logits), logits.argmax(-1))
+    half = logits.half()
+    assert torch.equal(static.greedy_tokens(half), half.argmax(-1))

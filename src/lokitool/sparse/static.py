@@ -19,6 +19,8 @@
                  each (kernels/cache_write.py; LOKITOOL_FUSED_WRITE=0 falls back to PyTorch ops).
     compiled_parts  optional: the model's RMS norms, MLPs and rotary function through torch.compile
                  (fewer, fused kernels per step); the attention and the cache stay as above.
+    fused_projections  each attention module's q, k and v projections as one matrix multiply (the
+                 static loop on CUDA: decode_projections; LOKITOOL_FUSED_QKV=0 turns it off).
 Inputs are unpadded (every sequence of a batch starts with the same prompt length); models with
 sliding-window layers, soft-capping or sink logits keep the eager loop (`supports`).
 """
@@ -211,7 +213,8 @@ def decode_attention_fn(spec: LokiSpec | None, device: torch.device) -> Callable
 
         if spec is None:
             return lambda q, layer, lengths, scaling: full_decode(q, layer.k, layer.v, lengths, scaling=scaling)
-        return lambda q, layer, lengths, scaling: loki_decode(q, LokiKeys(layer.low, layer.high), layer.v, lengths, spec=spec, scaling=scaling)
+        return lambda q, layer, lengths, scaling: loki_decode(q, LokiKeys(layer.low, layer.high), layer.v, lengths, spec=spec, scaling=scaling,
+                                                              out_dtype=q.dtype)
     if spec is None:
         return lambda q, layer, lengths, scaling: loki.dense_decode_attention(q, layer.k, layer.v, lengths, scaling=scaling)
     return lambda q, layer, lengths, scaling: loki.decode_attention(
@@ -242,6 +245,90 @@ def static_attention(model: nn.Module, cache: StaticCache) -> Iterator[None]:
 
     with route_attention(model, make_handler):
         yield
+
+
+# ----------------------------------------------------------------------------------------------
+# One matrix multiply for the q, k and v projections
+
+
+@contextlib.contextmanager
+def fused_projections(model: nn.Module) -> Iterator[int]:
+    """Compute each attention module's q, k and v projections as one matrix multiply while the block
+    runs (yields how many modules were fused).
+
+    At decode a projection reads its weights once for a handful of rows, so it costs its bytes plus a
+    fixed few microseconds: on an H200 (llama3-8b, batch 1, benchmarks/e2e_profile.py) k and v took
+    ~5 us each for 8 MB, q ~11 us for 34 MB, each followed by a split-K reduction, against ~30 us for an
+    MLP projection of 117 MB. The three weights are copied once into one [q + k + v, hidden] matrix
+    whose row blocks become the projections' weights (views: no memory is added); `q_proj` computes all
+    three and leaves k and v for `k_proj` and `v_proj`, which return them when called on the same input
+    (transformers' attention modules call q, k, v in that order on one hidden-states tensor) and
+    otherwise compute their own. Modules without separate `q_proj`, `k_proj`, `v_proj` linears of one
+    input size, dtype and device (or with biases on some only) are left as they are."""
+    fused = []
+    for attn in attention_modules(model):
+        projs = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if not _fusable(projs):
+            continue
+        fused.append((attn, projs, _fuse(projs)))
+    try:
+        yield len(fused)
+    finally:
+        for _, projs, _ in fused:
+            for proj in projs:
+                proj.__dict__.pop("forward", None)
+
+
+def decode_projections(model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager[int]:
+    """What the static loop runs its projections with: fused_projections on CUDA (LOKITOOL_FUSED_QKV=0
+    turns it off), separate projections elsewhere (yields 0)."""
+    if torch.device(device).type == "cuda" and os.environ.get("LOKITOOL_FUSED_QKV", "1") != "0":
+        return fused_projections(model)
+    return contextlib.nullcontext(0)
+
+
+def _fusable(projs: list) -> bool:
+    if not all(isinstance(p, nn.Linear) for p in projs):
+        return False
+    first = projs[0].weight
+    same = all(p.weight.shape[1] == first.shape[1] and p.weight.dtype == first.dtype and p.weight.device == first.device for p in projs)
+    biases = {p.bias is None for p in projs}
+    return same and len(biases) == 1 and first.device.type != "meta"
+
+
+def _fuse(projs: list[nn.Linear]) -> None:
+    """Point the projections' weights (and biases) at row blocks of one matrix; patch their forwards."""
+    import torch.nn.functional as F
+
+    sizes = [p.weight.shape[0] for p in projs]
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in projs])
+        bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+        for p, w, bb in zip(projs, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 3):
+            p.weight.data = w  # a view of the fused matrix: the separate copy is freed
+            if bb is not None:
+                p.bias.data = bb
+    left: dict[str, torch.Tensor] = {}
+
+    def q_forward(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+        left.update(x=x, k=k, v=v)
+        return q
+
+    def own(proj: nn.Linear, name: str):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if left.get("x") is x and name in left:
+                out = left.pop(name)
+                if name == "v":
+                    left.clear()
+                return out
+            return F.linear(x, proj.weight, proj.bias)
+
+        return forward
+
+    projs[0].forward = q_forward
+    projs[1].forward = own(projs[1], "k")
+    projs[2].forward = own(projs[2], "v")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +395,22 @@ def _compiled(fn: Callable, backend: str) -> Callable:
 # The loop
 
 
+ARGMAX_CHUNK = 256  # logits per first-stage block of greedy_tokens
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] int64: the index of each row's maximum (the first, as torch.argmax; NaN
+    counts as the maximum), in two reductions: the maximum of each chunk of ARGMAX_CHUNK logits, then
+    the first chunk holding the largest. torch.argmax over a whole row runs one block of threads per
+    row: 27 us for llama3-8b's 128256 logits on an H200 (benchmarks/e2e_profile.py), every step."""
+    b, v = logits.shape
+    n = -(-v // ARGMAX_CHUNK)
+    padded = logits if n * ARGMAX_CHUNK == v else torch.nn.functional.pad(logits, (0, n * ARGMAX_CHUNK - v), value=float("-inf"))
+    best, where = padded.view(b, n, ARGMAX_CHUNK).max(dim=-1)  # [B, n]: each chunk's maximum and its first index
+    chunk = best.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return (chunk * ARGMAX_CHUNK + where.gather(-1, chunk))[:, 0]
+
+
 class StaticDecoder:
     """Greedy decoding over a StaticCache: `prefill` (eager), then `step` (a graph replay once
     `capture` has run; plain calls before, and always on the CPU). Use inside `static_attention`."""
@@ -335,7 +438,7 @@ class StaticDecoder:
             logits = self._forward(piece)
             cache.advance_host(piece.shape[1])
         cache.positions.fill_(cache.seen)
-        token = logits.argmax(-1)
+        token = greedy_tokens(logits)
         self.token.copy_(token[:, None])
         return token
 
@@ -344,7 +447,7 @@ class StaticDecoder:
         cache = self.cache
         cache.lengths.copy_(cache.positions + 1)  # the keys this step sees, its own included
         logits = self._forward(self.token, position_ids=cache.positions[:, None])
-        self.token.copy_(logits.argmax(-1, keepdim=True))
+        self.token.copy_(greedy_tokens(logits)[:, None])
         cache.positions.add_(1)
         self.logits = logits
 
@@ -412,7 +515,7 @@ def generate_static(
                 decoder.capture()
             yield decoder.step().clone()
 
-    with static_attention(model, cache), torch.no_grad():
+    with static_attention(model, cache), decode_projections(model, cache.device), torch.no_grad():
         return collect(tokens(), on_token, stop_token)
 
 
