@@ -58,8 +58,8 @@ def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh,
                   stride_outb, stride_outh, head_dim, nsplit, NSPLIT_PAD: tl.constexpr, DPAD: tl.constexpr, DC: tl.constexpr):
     """out[b, h] = the pieces' partial outputs weighted by their share of the softmax (from their
     log-sum-exps, base 2; stored in out's dtype); empty pieces (lse -inf) weigh 0. Pieces are read past L1 (.cg): other
-    programs wrote them. 32 dims at a time, so that merging inside the attention kernel adds few
-    registers to it."""
+    programs wrote them. DC dims per load (merge_dims: all of them where a head's pieces x dims fit
+    MERGE_TILE), so a head's merge waits on memory once, not once per 32 dims."""
     offs_s = tl.arange(0, NSPLIT_PAD)
     s_ok = offs_s < nsplit
     lse = tl.load(lse_part_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
@@ -210,8 +210,11 @@ def merge_dims(nsplit: int, dim: int) -> int:
     so merging a head waits on memory once (LOKITOOL_MERGE_DC: a fixed width; benchmarks)."""
     forced = os.environ.get("LOKITOOL_MERGE_DC")
     dpad = pow2(dim, 16)
-    if forced:
-        return min(dpad, int(forced))
+    if forced is not None:
+        width = int(forced) if forced.isdigit() else 0
+        if width < 16 or width != pow2(width):
+            raise ValueError(f"LOKITOOL_MERGE_DC={forced!r} must be a power of two of at least 16")
+        return min(dpad, width)
     return min(dpad, max(16, MERGE_TILE // pow2(nsplit)))
 
 

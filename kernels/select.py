@@ -14,8 +14,9 @@ gives the group offsets. Writing from one program per row instead cost as much a
 Rows with ties at the threshold (more keys equal to it than needed) are written by their row
 program, in token order.
 
-Split mode (`choose_mode`): rows too few to fill the card (batch 1: 40 rows for 132 multiprocessors)
-or longer than the register tile run over a grid of chunks x rows instead. Four radix passes of 8
+Split mode (`choose_mode`): rows longer than the register tile (32768 keys; rows past 16384 only
+where they are at least a quarter as many as the multiprocessors) run over a grid of chunks x rows
+instead. Four radix passes of 8
 bits find the k-th largest key exactly: each program histograms its chunk's keys that match the
 prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
 holding the k-th key from it. The last pass also stores, per chunk, its keys above the 24-bit bucket

@@ -59,6 +59,10 @@ def test_merge_in_narrower_loads_gives_the_same_bits(monkeypatch):
         return sparse, loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)
 
     wide = both()
+    for bad in ("24", "8", "wide"):
+        monkeypatch.setenv("LOKITOOL_MERGE_DC", bad)
+        with pytest.raises(ValueError, match="LOKITOOL_MERGE_DC"):
+            attention.merge_dims(4, 128)
     monkeypatch.setenv("LOKITOOL_MERGE_DC", "16")
     assert attention.merge_dims(64, 128) == 16
     narrow = both()

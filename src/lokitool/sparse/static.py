@@ -268,13 +268,13 @@ def fused_projections(model: nn.Module) -> Iterator[int]:
     fused = []
     for attn in attention_modules(model):
         projs = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if not _fusable(projs):
-            continue
-        fused.append((attn, projs, _fuse(projs)))
+        if _fusable(projs):
+            _fuse(projs)
+            fused.append(projs)
     try:
         yield len(fused)
     finally:
-        for _, projs, _ in fused:
+        for projs in fused:
             for proj in projs:
                 proj.__dict__.pop("forward", None)
 
