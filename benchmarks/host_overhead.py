@@ -60,7 +60,7 @@ SHAPES = [  # preset, batch, context, group
     ("llama2-13b", 16, 16384, "head"),
     ("llama2-13b", 1, 16384, "head"),
     ("llama3-8b", 16, 16384, "kv"),
-    ("llama2-13b", 1, 65536, "head"),  # split selection (rows past 16384 tokens)
+    ("llama2-13b", 1, 65536, "head"),  # split selection (rows past the register tile)
 ]
 
 

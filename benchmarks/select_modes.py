@@ -3,8 +3,8 @@
     python benchmarks/select_modes.py [--shapes llama2-13b:1:32768:head,...] [--out DIR]
 
 For each shape (preset:batch:context:group; keys in the two-plane layout, fp16, kf = df = 0.25, all
-sequences full) and each mode that can run it ("row": a program per row, rows up to 16384 tokens
-or LOKITOOL_ROW_CAP;
+sequences full) and each mode that can run it ("row": a program per row, rows up to the register
+tile, select.row_cap();
 "split": a row over many programs), the median time (CUDA-graph replays, L2 flushed before each,
 and plain launches) of the selection alone (select_topk) and of the whole loki_decode step, next to
 SDPA over the whole cache; and, per mode, the selection rows whose kept tokens differ from exact

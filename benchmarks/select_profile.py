@@ -84,7 +84,7 @@ def measure(preset: str, b: int, s: int, group: str, device) -> dict:
         out["split"].append({"mode": mode, "digits": list(digits), "chunk": plan.chunk, "sample": getattr(plan, "sample", None), "total_ms": prefix[-1], "step_ms": steps_ms,
                              "rows_not_exact": wrong})
         print(f"  {out['shape']:28} {name:22}: {prefix[-1]:.4f} ms ({' '.join(f'{x:.4f}' for x in steps_ms)}) not exact {wrong}", flush=True)
-    if s <= 16384:
+    if s <= sel.row_cap():
         out["row_ms"] = time_ms(lambda: sel.select_topk(scores, lengths, budgets, kmax=kmax, mode="row"), device)[1]
     return out
 

@@ -20,9 +20,10 @@ from lokitool.kernels import attention, decode_budgets, loki_decode, loki_scores
 from lokitool.kernels import select as sel
 from lokitool.kernels._common import pow2
 
-from lokitool.bench.kernels import sdpa_decode
+from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
 from lokitool.bench.presets import PRESETS
 from lokitool.bench.timing import time_ms
+from lokitool.fileio import write_text_atomic
 from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_SHAPES = "llama3-8b:16:16384:kv,llama3-8b:1:32768:kv,llama2-13b:1:32768:head,llama2-13b:16:65536:head"
@@ -46,15 +47,13 @@ def name(c) -> str:
 def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) -> dict:
     h, hkv, dim = PRESETS[preset].attention_shape
     spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    d, kmax = spec.dims(dim), spec.max_budget(s)
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(b, h, dim, generator=gen, device=device).half()
-    kf = torch.randn(b, hkv, s, dim, generator=gen, device=device).half()
-    v = torch.randn(b, hkv, s, dim, generator=gen, device=device).half()
-    lengths = torch.full((b,), s, dtype=torch.int32, device=device)
+    p = Point(b, h, hkv, dim, s, spec, torch.float16)  # bench's point: its inputs and byte counts
+    d, kmax = p.d, p.k
+    x = make_inputs(p, device)
+    q, kf, v, lengths = x["q"], x["k"], x["v"], x["lengths"]
     scaling = dim**-0.5
     out = {"shape": f"{preset}:{b}:{s}:{group}", "d": d, "k": kmax}
-    kv_mb = 2 * kf.numel() * 2 / 1e6
+    kv_mb = p.kv_bytes / 1e6
     out["sdpa_ms"] = time_ms(lambda: sdpa_decode(q, kf, v, scaling), device)[1]
     k = split_keys(kf, d)
     out["sum_low_ms"] = time_ms(lambda: k.low.sum(), device)[1]
@@ -63,7 +62,7 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
     log(f"{out['shape']}: sdpa {out['sdpa_ms']:.4f} ms ({kv_mb / out['sdpa_ms'] / 1e3:.2f} TB/s), loki {out['loki_ms']:.4f} "
         f"({out['sdpa_ms'] / out['loki_ms']:.2f}x) plain {out['loki_plain_ms']:.4f}; sum(low) {out['sum_low_ms']:.4f} ms")
 
-    score_mb = (k.low.numel() * 2 + b * (hkv if group == "kv" else h) * s * 4) / 1e6
+    score_mb = p.score_bytes / 1e6
     if "score" in parts:
         rows = []
         configs = list(score._score_kernel.configs) + [triton.Config({"BLOCK_S": a, "STEPS": st}, num_warps=w, num_stages=ns)
@@ -86,14 +85,15 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
     if "select" in parts:
         mode = sel.selection_mode(b * rows_sel, s, device)
         res = []
-        for m in {mode, "row" if s <= 16384 else "pivot", "split"}:
+        fits_row = s <= sel.row_cap()
+        for m in {mode, "row" if fits_row else "pivot", "split"}:
             plan = sel.SelectPlan(b, rows_sel, s, device, mode=m)
             steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
             prefix = [time_ms(lambda n=n: [f() for f in steps[:n]], device)[1] for n in range(1, len(steps) + 1)]
             steps_ms = [prefix[0]] + [prefix[i] - prefix[i - 1] for i in range(1, len(prefix))]
             res.append({"mode": m, "total_ms": prefix[-1], "step_ms": steps_ms})
             log(f"  select {m:6} {prefix[-1]:.4f} ms ({' '.join(f'{x:.4f}' for x in steps_ms)})" + (" <- auto" if m == mode else ""))
-        if s <= 16384:
+        if fits_row:
             plan = sel.SelectPlan(b, rows_sel, s, device, mode="row")
             for c in [None] + list(sel._select_kernel.configs):
                 forced(sel._select_kernel, sel._SELECT, c)
@@ -111,7 +111,7 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
 
     idx = sel.select_topk(scores, lengths, budgets, kmax=kmax)
     if "attn" in parts:
-        attn_mb = b * rows_sel * kmax * (2 * dim * 2 + 4) / 1e6
+        attn_mb = p.attn_bytes / 1e6
         base = attention.num_splits(b * rows_sel, kmax, attention.multiprocessors(device))
         contiguous = torch.arange(kmax, dtype=torch.int32, device=device).expand(b, rows_sel, kmax).contiguous()
         res = []
@@ -168,7 +168,7 @@ def main() -> None:
         preset, b, s, group = shape.split(":")
         results.append(measure(preset, int(b), int(s), group, set(args.parts.split(",")) - {"none"}, device, log))
         torch.cuda.empty_cache()
-    (args.out / "stage_lab.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=1))
+    write_text_atomic(args.out / "stage_lab.json", json.dumps({"gpu": gpu, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,19 @@ def pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(int(x)))
 
 
+def env_pow2(name: str, low: int, high: int | None = None) -> int | None:
+    """A benchmark's power-of-two setting from the environment variable `name`: None where it is unset,
+    a ValueError naming the variable where it is not a power of two in [low, high]."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    value = int(raw) if raw.isdigit() else 0
+    if value < low or (high is not None and value > high) or value != pow2(value):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ValueError(f"{name}={raw!r} must be a power of two {bounds}")
+    return value
+
+
 @functools.cache
 def multiprocessors(device) -> int:
     """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""

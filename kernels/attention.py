@@ -15,8 +15,6 @@ kept row is read once for all of them).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +22,7 @@ import triton.language as tl
 from ._common import (
     Pinned,
     dot_f32,
+    env_pow2,
     keep_configs,
     launch,
     launch_args,
@@ -208,14 +207,8 @@ MERGE_TILE = 8192  # partial-output elements the merge loads at once (a head's p
 def merge_dims(nsplit: int, dim: int) -> int:
     """Dims per load of the merge: all of a head's pieces and dims in one load where they fit MERGE_TILE,
     so merging a head waits on memory once (LOKITOOL_MERGE_DC: a fixed width; benchmarks)."""
-    forced = os.environ.get("LOKITOOL_MERGE_DC")
-    dpad = pow2(dim, 16)
-    if forced is not None:
-        width = int(forced) if forced.isdigit() else 0
-        if width < 16 or width != pow2(width):
-            raise ValueError(f"LOKITOOL_MERGE_DC={forced!r} must be a power of two of at least 16")
-        return min(dpad, width)
-    return min(dpad, max(16, MERGE_TILE // pow2(nsplit)))
+    width = env_pow2("LOKITOOL_MERGE_DC", 16) or max(16, MERGE_TILE // pow2(nsplit))
+    return min(pow2(dim, 16), width)
 
 
 def _launch(

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import select_pivot
-from ._common import Pinned, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
+from ._common import Pinned, env_pow2, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
 from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
 DEFAULT_BLOCK_CAP = 32768  # longest row held in registers (LOKITOOL_ROW_CAP overrides: row_cap)
@@ -359,13 +359,7 @@ def split_warps(chunk: int) -> int:
 def row_cap() -> int:
     """Longest row the row kernel holds in registers: DEFAULT_BLOCK_CAP, or LOKITOOL_ROW_CAP (a power of
     two from 128 to 65536; benchmarks compare longer register tiles with the split and pivot modes)."""
-    raw = os.environ.get("LOKITOOL_ROW_CAP")
-    if raw is None:
-        return DEFAULT_BLOCK_CAP
-    cap = int(raw) if raw.isdigit() else 0
-    if not (128 <= cap <= 65536 and cap == pow2(cap, 1)):
-        raise ValueError(f"LOKITOOL_ROW_CAP={raw!r} must be a power of two from 128 to 65536")
-    return cap
+    return env_pow2("LOKITOOL_ROW_CAP", 128, 65536) or DEFAULT_BLOCK_CAP
 
 
 def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = None) -> str:
