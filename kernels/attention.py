@@ -4,8 +4,9 @@ For each selection row (b, r) the kept token indices idx[b, r, :k_b] (from selec
 into NSPLIT contiguous pieces; one program per (piece, row) gathers those K and V rows (each row
 D x 2 contiguous bytes: unkept rows are never read), runs an online softmax in float32 for the
 query heads that share the selection, and writes a partial output and its log-sum-exp. The pieces
-are merged by their log-sum-exp: by a second small kernel, or (loki_decode) by the row's last piece
-to finish, which a counter per row finds (one launch fewer). Keys come as one [B, Hkv, S, D] tensor or in
+are merged by their log-sum-exp: by a second small kernel, or (loki_decode, where a row serves one
+query head: merges_inside) by the row's last piece to finish, which a counter per row finds (one
+launch fewer). Keys come as one [B, Hkv, S, D] tensor or in
 the two-plane Loki layout (layout.py: a kept row is then read from both planes).
 
 A selection row serves QPS query heads: 1 with group="head" (row r is query head r), and
@@ -199,6 +200,17 @@ def num_splits(rows: int, kmax: int, num_sms: int) -> int:
     else:
         want = max(2, triton.cdiv(4 * num_sms, rows))
     return max(1, min(want, triton.cdiv(kmax, 64), 64))
+
+
+def merges_inside(qps: int) -> bool:
+    """Whether loki_decode merges a row's pieces in the row's last piece (one launch fewer) rather than in
+    the merge kernel: only where a selection row serves one query head. A row of G query heads (group="kv")
+    merges its heads one after another in one program, after the row's slowest piece has finished; the
+    merge kernel takes every head at once. H200, kf 0.25 (benchmarks/attn_lab.py, reports/bench/stage-lab/
+    attn-lab and pdl/attn_pdl0): llama3-8b kv B=1 32k 30.4 and 33.9 us inside against 24.1 and 24.3 with
+    the merge kernel, B=1 128k 59.6 / 60.2 against 54.4 / 54.5, B=16 16k 91.2 against 87.3; llama2-13b
+    (one head a row) B=1 32k 67.2 against 66.7."""
+    return qps == 1
 
 
 MERGE_TILE = 8192  # partial-output elements the merge loads at once (a head's pieces x dims)

@@ -22,7 +22,8 @@ Host cost: a decode step also runs outside a CUDA graph (eager decoding, a serve
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
 every stage, and a record of its launches (four; six when the selection runs in pivot mode, on
-rows past the register tile, seven in radix "split" mode: select.py) (compiled kernel, grid, arguments; _common.Recorded),
+rows past the register tile, seven in radix "split" mode: select.py; one more, the merge, with
+group="kv": attention.merges_inside) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes, devices,
 pointer alignments, settings and stream check nothing again and replay the record with their own
 tensors swapped in: a key lookup, one allocation (the output) and the launches, every pointer passed
@@ -34,9 +35,17 @@ replayed only while its plan is kept. A decode loop over a cache whose length gr
 (sparse/generation.py) gets a new plan per step and gains nothing here; one that passes the
 preallocated cache and per-sequence lengths would. Pass lengths as int32 on the GPU: anything else
 costs a conversion per call.
+
+Such a loop brings each layer's cache tensors again every step. The second time a plan sees the same
+cache tensors (k, v, lengths, by address) it captures its launches for them as a CUDA graph
+(`_CallGraph`); from then on a call costs the host a copy of q in, one graph launch and a copy of the
+output out, whatever the number of kernels. Not while the caller is capturing a graph of its own (its
+graph takes the launches). LOKITOOL_CALL_GRAPHS=0 turns this off (benchmarks compare both).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -89,20 +98,27 @@ class _Plan:
         self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
+        self.qps = 1 if spec.group == "head" else h // hkv  # query heads per selection row
+        self.merge_inside = attention.merges_inside(self.qps)
         self.done = torch.zeros(b * self.rows, dtype=torch.int32, device=device)  # pieces finished per row (attention.py)
         self.spec, self.d = spec, d
         self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
+        self.calls: dict[tuple, _CallGraph | None] = {}  # cache tensors' addresses -> their call graph (None: seen once)
 
     def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """The stages through the launchers (recorded on the first call): scores (the kernel also writes
-        the budgets), selection, sparse attention (its last piece per row merges the pieces)."""
-        group_kv = self.spec.group == "kv"
-        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d, group_kv=group_kv,
-                      budgets=self.budgets, kf=self.spec.kf)  # + budgets [B]: k = max(1, floor(kf x length))
+        the budgets), selection, sparse attention, whose pieces are merged by each row's last piece or, where a
+        row serves several query heads, by the merge kernel (attention.merges_inside)."""
+        score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d,
+                      group_kv=self.spec.group == "kv", budgets=self.budgets, kf=self.spec.kf)  # + budgets [B]: k = max(1, floor(kf x length))
         select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
-        qps = 1 if not group_kv else q_rot.shape[1] // k_rot.shape[1]
-        attention._launch(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part,
-                          lse_part=self.lse_part, scaling=scaling, qps=qps, nsplit=self.nsplit, out=out, done=self.done)
+        pieces = dict(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part, lse_part=self.lse_part,
+                      scaling=scaling, qps=self.qps, nsplit=self.nsplit)
+        if self.merge_inside:
+            attention._launch(**pieces, out=out, done=self.done)
+        else:
+            attention._launch(**pieces)
+            attention.launch_merge(o_part=self.o_part, lse_part=self.lse_part, out=out)
 
     def record(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """Run the stages once, recording each launch and where the call's own tensors sit in it."""
@@ -136,6 +152,49 @@ class _Plan:
             run(*args, stream=stream)
 
 
+    def call_graph(self, q_rot, k_rot, v, lengths, scaling: float, out_dtype: torch.dtype) -> _CallGraph | None:
+        """The call graph for these cache tensors (by address): None the first time they are seen, captured
+        the second time (a loop that brings them again will bring them many times), then kept."""
+        where = (*(t.data_ptr() for t in _call_tensors(q_rot, k_rot, v, lengths, None)[1:5]),)
+        graph = self.calls.get(where, False)
+        if graph is False:  # first sight
+            if len(self.calls) >= MAX_CALL_GRAPHS:
+                self.calls.pop(next(iter(self.calls)))
+            self.calls[where] = None
+            return None
+        if graph is None:
+            graph = self.calls[where] = _CallGraph(self, q_rot, k_rot, v, lengths, scaling, out_dtype)
+        return graph
+
+
+class _CallGraph:
+    """A plan's launches captured once as a CUDA graph for one set of cache tensors (k, v, lengths at fixed
+    addresses, as a decode loop over a preallocated cache passes them every step, layer by layer): a call
+    then costs the host a copy of q into the graph's input, one graph launch and a copy of its output,
+    instead of a launch per kernel. The graph reads the cache as it is when replayed (new tokens, new
+    lengths); only addresses are fixed. The output is a copy: the caller may keep it."""
+
+    def __init__(self, plan: _Plan, q_rot, k_rot, v, lengths, scaling: float, out_dtype: torch.dtype):
+        device = q_rot.device
+        self.q = torch.empty_like(q_rot)
+        self.out = torch.empty(q_rot.shape, dtype=out_dtype, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # capture_begin/end, not torch.cuda.graph: no device sync, no gc pass
+            self.graph.capture_begin()
+            try:
+                plan.run(self.q, k_rot, v, lengths, self.out, scaling, side.cuda_stream)
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def __call__(self, q_rot: torch.Tensor) -> torch.Tensor:
+        self.q.copy_(q_rot)
+        self.graph.replay()
+        return self.out.clone()
+
+
 def _call_tensors(q_rot, k_rot, v, lengths, out) -> tuple:
     """The tensors a call brings, as the launchers pass them (the high plane of LokiKeys, or the
     plain keys twice: attention._launch reads both planes from one tensor then)."""
@@ -158,7 +217,17 @@ def _current_stream(index: int) -> int:
 
 
 MAX_PLANS = 4  # oldest dropped first: a decode loop whose cache length grows makes a plan per step
+MAX_CALL_GRAPHS = 256  # per plan (a model's layers share a plan, each with its own cache tensors)
 _PLANS: dict[tuple, _Plan] = {}
+
+
+def call_graphs() -> bool:
+    """Whether repeated calls replay a call graph (_CallGraph): unless LOKITOOL_CALL_GRAPHS=0 (benchmarks
+    compare both; the per-launch replay is then what runs)."""
+    flag = os.environ.get("LOKITOOL_CALL_GRAPHS", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"LOKITOOL_CALL_GRAPHS={flag!r} must be 0 or 1")
+    return flag == "1"
 
 
 def clear_plans() -> None:
@@ -205,6 +274,11 @@ def loki_decode(
     stream = _current_stream(q_rot.device.index) if q_rot.is_cuda else None
     key = _plan_key(q_rot, k_rot, v, lengths, spec, scaling, stream, out_dtype)
     plan = _PLANS.get(key)
+    if plan is not None and plan.replay is not None and q_rot.is_cuda and q_rot.is_contiguous() and call_graphs() \
+            and not torch.cuda.is_current_stream_capturing():
+        graph = plan.call_graph(q_rot, k_rot, v, lengths, scaling, out_dtype)
+        if graph is not None:
+            return graph(q_rot)
     out = torch.empty(q_rot.shape, dtype=out_dtype, device=q_rot.device)  # [B, H, D]
     if plan is None:
         d = spec.dims(q_rot.shape[-1])

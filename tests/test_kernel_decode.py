@@ -67,6 +67,62 @@ def test_plans_are_replayed_only_for_calls_that_match(layout):
     clear_plans()
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU; the interpreter records no launches to capture")
+def test_a_cache_brought_again_replays_a_call_graph_that_reads_it_as_it_is(monkeypatch):
+    """From the second call that brings the same cache tensors, loki_decode replays a CUDA graph of its
+    launches (kernels/loki_decode.py _CallGraph): the same bits as the launch-by-launch replay
+    (LOKITOOL_CALL_GRAPHS=0); the graph reads the cache and the lengths as they are at each call (their
+    addresses are fixed, not their contents); an output stays the caller's after later calls; and a caller
+    capturing a graph of its own captures the launches (the captured step gives the same output)."""
+    import importlib
+
+    mod = importlib.import_module("lokitool.kernels.loki_decode")
+    b, h, hkv, s, dim = 2, 4, 2, 300, 64
+    spec = LokiSpec(kf=0.25, df=0.25, group="kv")
+    q, k, v = make_cache(b, h, hkv, s, dim, torch.float16, seed=11)
+    k = split_keys(k, spec.dims(dim))
+    lengths = torch.tensor([300, 120], dtype=torch.int32, device=DEVICE)
+    call = lambda q: loki_decode(q, k, v, lengths, spec=spec, scaling=dim**-0.5)  # noqa: E731
+    clear_plans()
+    outs = [call(q) for _ in range(3)]  # the plan; the cache's first sight; the graph captured and replayed
+    (plan,) = mod._PLANS.values()
+    assert [g is not None for g in plan.calls.values()] == [True]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    q2 = torch.randn_like(q)
+    kept = outs[2].clone()
+    graphed = call(q2)
+    assert torch.equal(outs[2], kept) and not torch.equal(graphed, kept)
+    monkeypatch.setenv("LOKITOOL_CALL_GRAPHS", "0")
+    assert torch.equal(graphed, call(q2))
+    v.mul_(-1.5)  # new contents at the same addresses
+    lengths[1] = 77
+    plain = call(q2)
+    monkeypatch.delenv("LOKITOOL_CALL_GRAPHS")
+    assert not torch.equal(plain, graphed) and torch.equal(call(q2), plain)
+
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        captured = call(q2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, plain)
+    clear_plans()
+
+
+def test_call_graph_switch_is_validated(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("lokitool.kernels.loki_decode")
+    assert mod.call_graphs()
+    monkeypatch.setenv("LOKITOOL_CALL_GRAPHS", "0")
+    assert not mod.call_graphs()
+    monkeypatch.setenv("LOKITOOL_CALL_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="LOKITOOL_CALL_GRAPHS"):
+        mod.call_graphs()
+
+
 def test_output_in_the_cache_dtype_is_the_float32_output_rounded_once():
     """out_dtype=float16 (the static loop's: no cast after the call) gives the float32 output rounded
     to float16, bit for bit, through a plan of its own; replays of both plans agree again."""
@@ -91,8 +147,10 @@ def test_output_in_the_cache_dtype_is_the_float32_output_rounded_once():
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the test above replays compiled kernels")
 @pytest.mark.parametrize(
     "layout,select_mode,group,launches",
-    # score (+ budgets), selection (row: 2 launches; split: 4 radix passes and a write), attention (+ merge)
-    [("plain", "row", "head", 4), ("split", "row", "head", 4), ("split", "split", "head", 7), ("split", "split", "kv", 7)],
+    # score (+ budgets), selection (row: 2 launches; split: 4 radix passes and a write), attention (merged by its
+    # last piece per row; by the merge kernel where a row serves several query heads: group kv)
+    [("plain", "row", "head", 4), ("split", "row", "head", 4), ("split", "split", "head", 7), ("split", "split", "kv", 8),
+     ("split", "row", "kv", 5)],
 )
 def test_replay_swaps_in_the_calls_tensors(layout, select_mode, group, launches, monkeypatch):
     """The interpreter compiles nothing to record, so record interpreted launches instead: a replay

@@ -264,6 +264,12 @@ def kv_bytes(facts, batch: int, context: float, element_size: int) -> float:
     return 2 * facts.num_layers * batch * facts.num_kv_heads * facts.head_dim * context * element_size
 
 
+# Plain steps of the static loop left untimed: the first compiles, autotunes and builds loki_decode's plan;
+# the next two bring each layer's cache to loki_decode again, which captures its call graph on the second
+# sight (kernels/loki_decode.py _CallGraph). Timed plain steps are the steady state of eager decoding.
+UNTIMED_PLAIN = 3
+
+
 def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_bases: torch.Tensor | None, ids: torch.Tensor) -> dict:
     """Time the static loop: `eager_tokens` plain steps, then (CUDA) capture, `warmup` replays and
     `new_tokens` timed replays, each between two CUDA events."""
@@ -271,7 +277,7 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
     device = ids.device
     dtype = model.get_input_embeddings().weight.dtype
     spec = cfg.spec() if method == "loki-graph" else None
-    plain_steps = cfg.eager_tokens + 1 if cfg.eager_tokens else 0  # the first compiles and autotunes: untimed
+    plain_steps = cfg.eager_tokens + UNTIMED_PLAIN if cfg.eager_tokens else 0
     capacity = cfg.prompt_len + plain_steps + cfg.warmup + cfg.new_tokens
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -296,7 +302,7 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
             start = time.perf_counter()
             decoder.step()
             sync(device)
-            if i:
+            if i >= UNTIMED_PLAIN:
                 eager.append(time.perf_counter() - start)
         graph = device.type == "cuda"
         if graph:
@@ -381,7 +387,7 @@ def run_e2e(cfg: E2EConfig, loaded: LoadedModel | None = None, progress: Callabl
     facts = loaded.facts
     device = next(loaded.model.parameters()).device
     dtype = next(loaded.model.parameters()).dtype
-    extra = cfg.warmup + cfg.new_tokens + max(cfg.profile_tokens, cfg.eager_tokens + 1)
+    extra = cfg.warmup + cfg.new_tokens + max(cfg.profile_tokens, cfg.eager_tokens + UNTIMED_PLAIN)
     if facts.max_positions is not None and cfg.prompt_len + extra > facts.max_positions:
         raise UserError(f"prompt plus new tokens exceed {facts.model_id}'s {facts.max_positions} positions; lower --prompt-len")
     if set(GRAPH_METHODS) & set(cfg.methods) and not static.supports(facts):

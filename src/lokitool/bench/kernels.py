@@ -6,8 +6,9 @@ keys already in the PCA basis. Methods:
     loki-torch   the reference's decode stages (sparse/reference.py: float32 scores, torch.topk, gather)
     loki-triton  lokitool.kernels.loki_decode (scores -> threshold top-k -> sparse flash-decoding)
 Every point reports the median time and its spread (10th/90th percentiles) of CUDA-graph replays
-with the L2 cache flushed before each (triton.testing.do_bench), the median of plain launches (no
-graph: the host's launch overhead shows where it exceeds the GPU's time), the time of each stage, the
+with the L2 cache flushed before each (triton.testing.do_bench), the median of plain calls (no
+enclosing graph: the host's launch overhead shows where it exceeds the GPU's time; loki_decode replays
+its own call graph once it has seen the same cache twice), the time of each stage, the
 bytes a method must move over that time (GB/s) and as a fraction of the card's measured copy
 bandwidth, the speedup over SDPA, and the peak extra memory. Rows are appended to
 OUTPUT/bench.csv (GPU name and library versions in every row), this run is written to

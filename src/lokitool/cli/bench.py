@@ -79,7 +79,9 @@ def bench(
                       speedup, r["plain_speedup_vs_sdpa"], r["score_ms"], r["select_ms"], r["attn_ms"], r["note"])
     out.print(table)
     rows_per = f"{heads} rows (one per query head)" if group == "head" else f"{kv_heads} rows (one per KV head, shared by its {heads // kv_heads} query heads)"
-    timing = "median = CUDA-graph replays, plain = launches without a graph" if env.copy_gbps else "median = plain = calls on the CPU"
+    timing = ("median = CUDA-graph replays, plain = calls without an enclosing graph (loki-triton's from the third call: "
+              "its own call graph for the same cache, LOKITOOL_CALL_GRAPHS=0 launches kernel by kernel)") if env.copy_gbps \
+        else "median = plain = calls on the CPU"
     out.print(f"selection: group {group}, {rows_per} per sequence; select = loki-triton's top-k kernels (row: a program per row, "
               f"split: a row over many programs); {timing}")
     written = [str(result.csv_path), str(result.json_path)] + ([str(result.png_path)] if result.png_path else [])
