@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import triton
 from lokitool.kernels import attention, decode_full, loki_scores, select, split_keys
-from stage_lab import forced, name  # benchmarks/: the same config forcing as the stage profile
+from lokitool.kernels._common import pow2
+from stage_lab import forced, name, open_log, shapes  # benchmarks/: the stage profile's config forcing, log and shapes
 
 from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
 from lokitool.bench.presets import PRESETS
@@ -82,7 +83,7 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log, qu
         splits = sorted({max(1, base // 4), max(1, base // 2), base, base * 2, base * 4})
         for ns in splits:
             for c in [None] + (forcing if configs else []):
-                if c is not None and c.kwargs["BLOCK_N"] * pow2_dim(dim) > 128 * 128:
+                if c is not None and c.kwargs["BLOCK_N"] * pow2(dim, 16) > 128 * 128:
                     continue
                 forced(decode_full._full_decode_kernel, decode_full._FULL, c)
                 ms = t(lambda ns=ns: decode_full.full_decode(q, kp, v, lengths, scaling=scaling, nsplit=ns))
@@ -128,10 +129,6 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log, qu
     return out
 
 
-def pow2_dim(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
@@ -141,20 +138,10 @@ def main() -> None:
     parser.add_argument("--no-configs", action="store_true", help="time the autotuned config only, not each config forced")
     args = parser.parse_args()
     device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logf = open(args.out / "attn_lab.log", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    log(f"{gpu} torch {torch.__version__} triton {triton.__version__}")
+    log, gpu = open_log(args.out, "attn_lab.log", device)
     results = []
-    for shape in args.shapes.split(","):
-        preset, b, s, group = shape.split(":")
-        results.append(measure(preset, int(b), int(s), group, set(args.parts.split(",")), device, log, quick=device.type != "cuda",
+    for preset, b, s, group in shapes(args.shapes):
+        results.append(measure(preset, b, s, group, set(args.parts.split(",")), device, log, quick=device.type != "cuda",
                                configs=device.type == "cuda" and not args.no_configs))
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import triton
@@ -145,16 +146,11 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
-    parser.add_argument("--parts", default="score,select,attn")
-    parser.add_argument("--out", type=Path, default=Path("runs/stage_lab"))
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script under TRITON_INTERPRET=1")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logf = open(args.out / "stage_lab.log", "a")
+def open_log(out: Path, name: str, device: torch.device) -> tuple[Callable[[str], None], str]:
+    """(log, card name): log prints a line and appends it to out/name; its first line names the card and
+    the versions. The labs of this folder share it (attn_lab.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / name, "a")
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -163,10 +159,26 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     log(f"{gpu} torch {torch.__version__} triton {triton.__version__}")
+    return log, gpu
+
+
+def shapes(text: str) -> list[tuple[str, int, int, str]]:
+    """--shapes preset:batch:context:group,... as tuples."""
+    return [(preset, int(b), int(s), group) for preset, b, s, group in (shape.split(":") for shape in text.split(","))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--parts", default="score,select,attn")
+    parser.add_argument("--out", type=Path, default=Path("runs/stage_lab"))
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script under TRITON_INTERPRET=1")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    log, gpu = open_log(args.out, "stage_lab.log", device)
     results = []
-    for shape in args.shapes.split(","):
-        preset, b, s, group = shape.split(":")
-        results.append(measure(preset, int(b), int(s), group, set(args.parts.split(",")) - {"none"}, device, log))
+    for preset, b, s, group in shapes(args.shapes):
+        results.append(measure(preset, b, s, group, set(args.parts.split(",")) - {"none"}, device, log))
         torch.cuda.empty_cache()
     write_text_atomic(args.out / "stage_lab.json", json.dumps({"gpu": gpu, "results": results}, indent=1))
 

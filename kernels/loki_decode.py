@@ -151,7 +151,6 @@ class _Plan:
                 args[pos] = tensors[which]
             run(*args, stream=stream)
 
-
     def call_graph(self, q_rot, k_rot, v, lengths, scaling: float, out_dtype: torch.dtype) -> _CallGraph | None:
         """The call graph for these cache tensors (by address): None the first time they are seen, captured
         the second time (a loop that brings them again will bring them many times), then kept."""
