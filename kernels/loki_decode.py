@@ -99,7 +99,6 @@ class _Plan:
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
         self.qps = 1 if spec.group == "head" else h // hkv  # query heads per selection row
-        self.merge_inside = attention.merges_inside(self.qps)
         self.done = torch.zeros(b * self.rows, dtype=torch.int32, device=device)  # pieces finished per row (attention.py)
         self.spec, self.d = spec, d
         self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
@@ -114,7 +113,7 @@ class _Plan:
         select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
         pieces = dict(q_rot=q_rot, k_rot=k_rot, v=v, idx=self.idx, budgets=self.budgets, o_part=self.o_part, lse_part=self.lse_part,
                       scaling=scaling, qps=self.qps, nsplit=self.nsplit)
-        if self.merge_inside:
+        if attention.merges_inside(self.qps):
             attention._launch(**pieces, out=out, done=self.done)
         else:
             attention._launch(**pieces)
@@ -154,14 +153,15 @@ class _Plan:
     def call_graph(self, q_rot, k_rot, v, lengths, scaling: float, out_dtype: torch.dtype) -> _CallGraph | None:
         """The call graph for these cache tensors (by address): None the first time they are seen, captured
         the second time (a loop that brings them again will bring them many times), then kept."""
-        where = (*(t.data_ptr() for t in _call_tensors(q_rot, k_rot, v, lengths, None)[1:5]),)
-        graph = self.calls.get(where, False)
-        if graph is False:  # first sight
+        _, low, high, v_rows, lens, _ = _call_tensors(q_rot, k_rot, v, lengths, None)
+        where = (low.data_ptr(), high.data_ptr(), v_rows.data_ptr(), lens.data_ptr())
+        if where not in self.calls:  # first sight
             if len(self.calls) >= MAX_CALL_GRAPHS:
                 self.calls.pop(next(iter(self.calls)))
             self.calls[where] = None
             return None
-        if graph is None:
+        graph = self.calls[where]
+        if graph is None:  # second sight
             graph = self.calls[where] = _CallGraph(self, q_rot, k_rot, v, lengths, scaling, out_dtype)
         return graph
 
