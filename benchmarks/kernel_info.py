@@ -5,7 +5,7 @@ step at the issue's main shape (B=16, H=40, D=128, S=16384, fp16, kf=df=0.25: ro
 from __future__ import annotations
 
 import torch
-from lokitool.kernels import attention, loki_decode, score, select, split_keys
+from lokitool.kernels import attention, loki_decode, score, select, select_radix, split_keys
 
 from lokitool.sparse.reference import LokiSpec
 
@@ -29,7 +29,7 @@ def main() -> None:
         torch.cuda.synchronize()
         del q, k, v
     for name, fn in [("score", score._score_kernel), ("select", select._select_kernel), ("write", select._write_kernel),
-                     ("radix", select._radix_kernel), ("radixwrite", select._radix_write_kernel),
+                     ("radix", select_radix._radix_kernel),
                      ("attention", attention._sparse_attention_kernel)]:
         best = getattr(fn, "best_config", None)
         for kern in compiled_kernels(fn):

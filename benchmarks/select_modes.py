@@ -5,7 +5,8 @@
 For each shape (preset:batch:context:group; keys in the two-plane layout, fp16, kf = df = 0.25, all
 sequences full) and each mode that can run it ("row": a program per row, rows up to the register
 tile, select.row_cap();
-"split": a row over many programs), the median time (CUDA-graph replays, L2 flushed before each,
+"split": a row over many programs, radix passes phase by phase; "split1": the same in one launch, where
+its grid fits one program per multiprocessor; "pivot": select_pivot.py), the median time (CUDA-graph replays, L2 flushed before each,
 and plain launches) of the selection alone (select_topk) and of the whole loki_decode step, next to
 SDPA over the whole cache; and, per mode, the selection rows whose kept tokens differ from exact
 top-k (a stable sort on the GPU: ties to the lower token index, the kernels' rule). `auto` names the
@@ -43,6 +44,9 @@ DEFAULT_SHAPES = (
     "llama2-13b:1:4096:head,llama2-13b:1:16384:head,llama2-13b:1:32768:head,llama2-13b:1:131072:head,"
     "llama3-8b:1:32768:kv,llama3-8b:16:16384:kv,llama2-13b:16:16384:head"
 )
+
+
+VARIANTS = {"row": ("row", "0"), "split": ("split", "0"), "split1": ("split", "1"), "pivot": ("pivot", "0")}  # name: mode, one launch
 
 
 def exact_mask(scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
@@ -83,22 +87,56 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> di
         "sdpa_ms": time_ms(sdpa, device)[1], "sdpa_plain_ms": time_ms(sdpa, device, graph=False)[1],
     }
     want = exact_mask(scores, lengths, budgets)
-    for mode in ("row", "split", "pivot"):
+    for name, (mode, one_launch) in VARIANTS.items():
         if mode == "row" and s > row_cap():
             continue
         os.environ["LOKITOOL_SELECT"] = mode
+        os.environ["LOKITOOL_SPLIT_ONE_LAUNCH"] = one_launch
         sel = lambda mode=mode: select_topk(scores, lengths, budgets, kmax=kmax, mode=mode)
+        try:
+            sel()
+        except ValueError as e:  # one launch does not fit this grid
+            print(f"{preset}:{b}:{s}:{group} {name}: {e}")
+            continue
         wrong_rows = int((kept_mask(sel(), budgets, s) != want).any(-1).sum())
         step = lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling)
         graph_ms, plain_ms = _decode_ms(step, device)
-        out[mode] = {
+        out[name] = {
             "select_ms": time_ms(sel, device)[1], "decode_ms": graph_ms, "decode_plain_ms": plain_ms,
             "speedup": out["sdpa_ms"] / graph_ms, "plain_speedup": out["sdpa_plain_ms"] / plain_ms,
             "rows_not_exact": wrong_rows,
         }
     os.environ.pop("LOKITOOL_SELECT", None)
+    os.environ.pop("LOKITOOL_SPLIT_ONE_LAUNCH", None)
     clear_plans()
     torch.cuda.empty_cache()
+    return out
+
+
+def split_chunks(preset: str, b: int, s: int, group: str, device: torch.device, chunks: list[int]) -> dict:
+    """The split selection alone, in one launch, at each chunk size whose grid is resident
+    (select_radix.programs_per_sm()): {chunk: median ms of CUDA-graph replays}; exactness checked."""
+    h, hkv, dim = PRESETS[preset].attention_shape
+    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, h, dim, generator=g, device=device).half()
+    k = split_keys(torch.randn(b, hkv, s, dim, generator=g, device=device).half(), spec.dims(dim))
+    lengths = torch.full((b,), s, dtype=torch.int32, device=device)
+    budgets = decode_budgets(lengths, spec.kf)
+    scores = loki_scores(q, k, lengths, d=spec.dims(dim), group=group)
+    want = exact_mask(scores, lengths, budgets)
+    out = {}
+    os.environ["LOKITOOL_SPLIT_ONE_LAUNCH"] = "1"  # refuse, rather than run phase by phase, where it does not fit
+    for chunk in chunks:
+        sel = lambda chunk=chunk: select_topk(scores, lengths, budgets, kmax=spec.max_budget(s), mode="split", chunk=chunk)
+        try:
+            wrong = int((kept_mask(sel(), budgets, s) != want).any(-1).sum())
+        except ValueError as e:
+            print(f"  {preset}:{b}:{s}:{group} chunk {chunk}: {e}")
+            continue
+        out[chunk] = time_ms(sel, device)[1]
+        print(f"  {preset}:{b}:{s}:{group} split1 chunk {chunk:6d}: select {out[chunk]:.4f} ms, rows not exact {wrong}", flush=True)
+    os.environ.pop("LOKITOOL_SPLIT_ONE_LAUNCH")
     return out
 
 
@@ -106,10 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:batch:context:group, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("runs/select_modes"))
+    parser.add_argument("--split-chunks", default="", help="also time the split selection alone in one launch at these chunk sizes (comma-separated)")
     args = parser.parse_args()
     device = torch.device("cuda")
     results = []
-    print(f"{'shape':34} {'auto':5} {'sdpa ms':>8} | {'mode':5} {'select':>7} {'decode':>7} {'plain':>7} {'x sdpa':>6} {'x plain':>7} "
+    print(f"{'shape':34} {'auto':5} {'sdpa ms':>8} | {'mode':6} {'select':>7} {'decode':>7} {'plain':>7} {'x sdpa':>6} {'x plain':>7} "
           f"{'rows not exact top-k':>20}")
     for spec in args.shapes.split(","):
         preset, b, s, group = spec.split(":")
@@ -119,11 +158,13 @@ def main() -> None:
             torch.cuda.empty_cache()
             print(f"{spec}: skipped, out of GPU memory")
             continue
+        if args.split_chunks:
+            r["split1_chunks"] = split_chunks(preset, int(b), int(s), group, device, [int(c) for c in args.split_chunks.split(",")])
         results.append(r)
-        for mode in ("row", "split", "pivot"):
+        for mode in VARIANTS:
             if mode in r:
                 m = r[mode]
-                print(f"{spec:34} {r['auto']:5} {r['sdpa_ms']:8.4f} | {mode:5} {m['select_ms']:7.4f} {m['decode_ms']:7.4f} "
+                print(f"{spec:34} {r['auto']:5} {r['sdpa_ms']:8.4f} | {mode:6} {m['select_ms']:7.4f} {m['decode_ms']:7.4f} "
                       f"{m['decode_plain_ms']:7.4f} {m['speedup']:6.2f} {m['plain_speedup']:7.2f} {m['rows_not_exact']:20d}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "select_modes.json", json.dumps({"gpu": torch.cuda.get_device_name(), "results": results}, indent=1))

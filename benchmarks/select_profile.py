@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from lokitool.kernels import decode_budgets, kept_mask, loki_scores, split_keys
+from lokitool.kernels import decode_budgets, kept_mask, loki_scores, select_radix, split_keys
 from lokitool.kernels import select as sel
 from select_modes import exact_mask  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -44,12 +44,12 @@ def bucket_sizes(scores, budgets) -> dict:
 
 
 def variants(s: int) -> list:
-    """(mode, digits, chunk) to time: radix passes of 4 x 8 bits, pivot selection at the default chunk and
-    at larger and smaller ones."""
-    base = sel.split_chunk(s)
+    """(mode, chunk, sample) to time: the radix passes phase by phase (select_radix.py: 4 x 8 bits, then the
+    write), pivot selection at the default chunk and at larger and smaller ones. (Other digit widths were
+    timed in an earlier version: reports/bench/select-profile/digits.log.)"""
+    base = select_radix.split_chunk(s)
     chunks = sorted({max(256, base // 2), base, min(16384, base * 2)})
-    return ([("split", (8, 8, 8, 8), base, None)] + [("pivot", sel.DIGITS, c, None) for c in chunks]
-            + [("pivot", sel.DIGITS, base, m) for m in (1024, 2048)])
+    return [("split", base, None)] + [("pivot", c, None) for c in chunks] + [("pivot", base, m) for m in (1024, 2048)]
 
 
 def measure(preset: str, b: int, s: int, group: str, device) -> dict:
@@ -69,9 +69,9 @@ def measure(preset: str, b: int, s: int, group: str, device) -> dict:
            "read_ms": time_ms(lambda: scores.sum(), device)[1], "buckets": bucket_sizes(scores, budgets)}
     want = exact_mask(scores, lengths, budgets)
     out["split"] = []
-    for mode, digits, chunk, sample in variants(s):
-        extra = {} if sample is None else {"sample": sample}
-        plan = sel.SelectPlan(b, rows, s, device, mode=mode, chunk=chunk, digits=digits, **extra)
+    for mode, chunk, sample in variants(s):
+        extra = {"one_launch": False} if sample is None and mode == "split" else {} if sample is None else {"sample": sample}
+        plan = sel.SelectPlan(b, rows, s, device, mode=mode, chunk=chunk, **extra)
         steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
         prefix = []
         for n in range(1, len(steps) + 1):
@@ -80,8 +80,8 @@ def measure(preset: str, b: int, s: int, group: str, device) -> dict:
         [f() for f in steps]
         wrong = int((kept_mask(idx, budgets, s) != want).any(-1).sum())
         steps_ms = [prefix[0]] + [prefix[i] - prefix[i - 1] for i in range(1, len(prefix))]
-        name = f"{mode} {'-'.join(map(str, digits)) if mode == 'split' else f'm{plan.sample}'} ch{plan.chunk}"
-        out["split"].append({"mode": mode, "digits": list(digits), "chunk": plan.chunk, "sample": getattr(plan, "sample", None), "total_ms": prefix[-1], "step_ms": steps_ms,
+        name = f"{mode} {'8-8-8-8' if mode == 'split' else f'm{plan.sample}'} ch{plan.chunk}"
+        out["split"].append({"mode": mode, "chunk": plan.chunk, "sample": getattr(plan, "sample", None), "total_ms": prefix[-1], "step_ms": steps_ms,
                              "rows_not_exact": wrong})
         print(f"  {out['shape']:28} {name:22}: {prefix[-1]:.4f} ms ({' '.join(f'{x:.4f}' for x in steps_ms)}) not exact {wrong}", flush=True)
     if s <= sel.row_cap():

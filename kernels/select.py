@@ -14,16 +14,12 @@ gives the group offsets. Writing from one program per row instead cost as much a
 Rows with ties at the threshold (more keys equal to it than needed) are written by their row
 program, in token order.
 
-Split mode (`choose_mode`): rows longer than the register tile (32768 keys; rows past 16384 only
-where they are at least a quarter as many as the multiprocessors) run over a grid of chunks x rows
-instead. Four radix passes of 8
-bits find the k-th largest key exactly: each program histograms its chunk's keys that match the
-prefix fixed so far and adds the nonzero bins into the row's histogram; the next pass picks the bin
-holding the k-th key from it. The last pass also stores, per chunk, its keys above the 24-bit bucket
-and the suffix sums of its histogram, so the write pass (a program per chunk again) knows from the
-threshold alone how many tokens earlier chunks keep, ties included. Five launches, each reading the
-row's scores (in L2 by then) once. Pivot mode (select_pivot.py) brackets the k-th key from a sorted
-sample of the row and reads the row twice instead; choose_mode picks it where there are many keys.
+Split mode (`choose_mode`, select_radix.py): rows longer than the register tile (32768 keys; rows past
+16384 only where they are at least a quarter as many as the multiprocessors), and rows past 8192 where
+they are fewer than that (batch 1) and fit one launch, run over a grid of chunks x rows instead: four radix passes of 8 bits find the k-th largest key exactly, then each chunk writes its
+kept tokens. One launch where every program of the grid can be resident at once (the row's programs meet
+at barriers of their own), five elsewhere. Pivot mode (select_pivot.py) brackets the k-th key from a
+sorted sample of the row and reads the row twice instead; choose_mode picks it where there are many keys.
 
 Ties: every key above the threshold is kept, then keys equal to it in increasing token order
 until k are kept, so each row keeps exactly k tokens (torch.topk breaks such ties arbitrarily).
@@ -41,9 +37,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import select_pivot
-from ._common import Pinned, env_pow2, float_bits, keep_configs, launch, launch_args, multiprocessors, pow2, write_budgets
-from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
+from . import select_pivot, select_radix
+from ._common import (
+    Pinned,
+    env_pow2,
+    float_bits,
+    interpreting,
+    keep_configs,
+    launch,
+    launch_args,
+    multiprocessors,
+    pow2,
+    write_budgets,
+)
+from .select_keys import _chunk_program, _kth_key, _load_keys, _prefix_rank
 
 DEFAULT_BLOCK_CAP = 32768  # longest row held in registers (LOKITOOL_ROW_CAP overrides: row_cap)
 SHORT_ROW = 16384  # rows up to this go to the row kernel however few; longer ones only where rows are many
@@ -73,17 +80,6 @@ def _emit_row(row_ptr, n, thr, need, out_ptr, CHUNK: tl.constexpr, GROUP: tl.con
         pos, n_keep = _prefix_rank(keep, GROUP)
         tl.store(out_ptr + written + pos, start + tokens, mask=keep)
         written += n_keep
-
-
-@triton.jit
-def _pick_bin(hist, kk, NB: tl.constexpr):
-    """Bin of `hist` (counts per ascending digit) holding the kk-th largest; counts above and in it."""
-    bins = tl.arange(0, NB)
-    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-    b = tl.max(tl.where(at_or_above >= kk, bins, -1), axis=0)
-    above = tl.sum(tl.where(bins > b, hist, 0), axis=0)
-    inside = tl.sum(tl.where(bins == b, hist, 0), axis=0)
-    return b, above, inside
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,193 +163,15 @@ def _write_kernel(
         tl.store(idx_ptr + b * stride_ib + r * stride_ir + offset + pos, tokens, mask=keep)
 
 
-# Split selection: one row over many programs (a grid of chunks x rows), for rows too few to fill the
-# card (batch 1) and rows longer than the register tile. Radix passes over the row's int32 keys, most
-# significant digit first (digit widths `DIGITS`, summing to 32), find its k-th largest key exactly:
-# each pass histograms the chunk's keys whose higher digits match the prefix fixed so far and adds the
-# nonzero bins into the row's histogram; the next pass picks the bin holding the k-th key from it.
-# A float's top 8 bits leave ~28% of a row's scores in the k-th key's bucket (sign and 7 of 8 exponent
-# bits), so two passes histogram large buckets; wider digits would save a pass, but tl.histogram's cost
-# grows with its bins: on an H200 (benchmarks/select_profile.py, B=16 x 40 rows of 131072) a 12-bit first
-# pass took 6.2 ms against 0.35 ms for 8 bits. Past the second pass few keys match the prefix, and a chunk
-# with few adds them by an atomic each instead of a block histogram. select_pivot.py reads a row twice
-# instead of five times. The scores of a row sit in L2 between passes where they fit.
-
-SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
-
-
-@triton.jit
-def _radix_digit(keys, PASS: tl.constexpr, SHIFT: tl.constexpr, NB: tl.constexpr):
-    """The digit of pass PASS: the NB-bin field of int32 keys above their SHIFT low bits (pass 0 signed,
-    shifted to 0..NB-1). Within equal higher digits, lower digits order as the keys do (two's complement)."""
-    if PASS == 0:
-        digit = (keys >> SHIFT) + NB // 2
-    else:
-        digit = (keys >> SHIFT) & (NB - 1)
-    return digit
-
-
-@triton.jit
-def _radix_descend(hist_ptr, state_ptr, kk, Q: tl.constexpr, Q_OFF: tl.constexpr, Q_NB: tl.constexpr):
-    """(prefix, remaining) after the digit of pass Q (its NB bins at Q_OFF of the row's histograms):
-    the key's digits up to and including Q (signed, as `keys >> shift` gives them) and how many of the kk
-    largest keys lie in that bucket. Pass 0 starts from the whole row; later passes continue from what
-    the pass after the previous one stored in state_ptr (slot Q - 1)."""
-    if Q == 0:
-        prefix = kk * 0
-        remaining = kk
-    else:
-        prefix = tl.load(state_ptr + 2 * (Q - 1))
-        remaining = tl.load(state_ptr + 2 * (Q - 1) + 1)
-    hist = tl.load(hist_ptr + Q_OFF + tl.arange(0, Q_NB))
-    digit, above, _ = _pick_bin(hist, remaining, Q_NB)
-    if Q == 0:
-        prefix = digit - Q_NB // 2
-    else:
-        prefix = prefix * Q_NB + digit  # (prefix << width) | digit
-    return prefix, remaining - above
-
-
-@triton.jit
-def _radix_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr,
-    stride_sb, stride_sr,
-    num_rows, nch,
-    PASS: tl.constexpr, NPASS: tl.constexpr, SHIFT: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr,
-    P_SHIFT: tl.constexpr, P_NB: tl.constexpr, P_OFF: tl.constexpr, Z_OFF: tl.constexpr, Z_SIZE: tl.constexpr,
-    Z_BLOCK: tl.constexpr, HIST_ROW: tl.constexpr, CH: tl.constexpr,
-):
-    """Pass PASS of NPASS of the radix search over one chunk of one row: its digit is the NB-bin field
-    above SHIFT bits, its histogram at OFF of the row's HIST_ROW ints (P_*: the previous pass's).
-    Program 0 of a row stores the bucket it read from the previous pass (state slot PASS - 1: later passes
-    need not read that histogram again) and keeps the scratch clean for the next call: it zeroes Z_SIZE
-    ints at Z_OFF (pass 0: every later pass's histogram; pass p >= 2: pass p - 2's, which has no reader
-    left). The last pass also stores, per chunk, its keys above the last digit's bucket and the suffix
-    sums of its histogram, so the write pass knows each chunk's offset from the final digit alone."""
-    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
-    if start < n:
-        kk = tl.load(budgets_ptr + b)
-        bins = tl.arange(0, NB)
-        row_hist = hist_ptr + pid.to(tl.int64) * HIST_ROW
-        row_state = state_ptr + pid.to(tl.int64) * 2 * NPASS
-        offs = start + tl.arange(0, CH)
-        valid = offs < n
-        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, offs, n)
-        prefix = kk * 0
-        if PASS > 0:
-            prefix, remaining = _radix_descend(row_hist, row_state, kk, PASS - 1, P_OFF, P_NB)
-            if c == 0:
-                two = tl.arange(0, 2)
-                tl.store(row_state + 2 * (PASS - 1) + two, tl.where(two == 0, prefix, remaining))
-        if PASS == 0:
-            match = valid
-        else:  # keys whose digits above this pass equal the prefix
-            match = valid & ((keys >> P_SHIFT) == prefix)
-        digit = _radix_digit(keys, PASS, SHIFT, NB)
-        n_match = tl.sum(tl.where(match, 1, 0), axis=0)
-        hist = tl.zeros([NB], tl.int32)
-        if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
-            hist = tl.histogram(digit, NB, mask=match)
-            tl.atomic_add(row_hist + OFF + bins, hist, mask=hist > 0, sem="relaxed")
-        elif PASS < NPASS - 1:  # few (the usual case past pass 0): an atomic per key, no histogram
-            tl.atomic_add(row_hist + OFF + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
-        else:  # the last pass needs this chunk's histogram too (its suffix sums)
-            if n_match > 0:
-                hist = tl.histogram(digit, NB, mask=match)
-                tl.atomic_add(row_hist + OFF + bins, hist, mask=hist > 0, sem="relaxed")
-        if Z_SIZE > 0:
-            if c == 0:
-                zo = tl.arange(0, Z_BLOCK)
-                tl.store(row_hist + Z_OFF + zo, tl.zeros([Z_BLOCK], tl.int32), mask=zo < Z_SIZE)
-        if PASS == NPASS - 1:
-            chunk = pid.to(tl.int64) * nch + c
-            tl.store(gt_ptr + chunk, tl.sum(tl.where(valid & ((keys >> P_SHIFT) > prefix), 1, 0), axis=0))
-            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # [NB] keys of the bucket with digit >= bin
-            tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
-
-
-@triton.jit
-def _radix_write_kernel(
-    scores_ptr, lengths_ptr, budgets_ptr, hist_ptr, state_ptr, gt_ptr, suffix_ptr, idx_ptr,
-    stride_sb, stride_sr, stride_ib, stride_ir,
-    num_rows, nch,
-    NPASS: tl.constexpr, NB: tl.constexpr, OFF: tl.constexpr, HIST_ROW: tl.constexpr,
-    CH: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
-):
-    """The kept tokens of one chunk, in token order, at the chunk's offset in the row's list: keys
-    above the threshold, then keys equal to it while the row's ties taken so far (earlier chunks
-    first) stay below the number needed. NB, OFF: the last pass's bins and histogram offset."""
-    c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
-    if start < n:
-        kk = tl.load(budgets_ptr + b)
-        row_hist = hist_ptr + pid.to(tl.int64) * HIST_ROW
-        thr, need = _radix_descend(row_hist, state_ptr + pid.to(tl.int64) * 2 * NPASS, kk, NPASS - 1, OFF, NB)
-        low = thr & (NB - 1)  # the last digit of the threshold
-        chunks = tl.arange(0, NCH_PAD)
-        earlier = chunks < c
-        base = pid.to(tl.int64) * nch + chunks
-        ge = tl.load(suffix_ptr + base * NB + low, mask=earlier, other=0)  # keys of the last bucket >= thr
-        gt_low = tl.load(suffix_ptr + base * NB + low + 1, mask=earlier & (chunks * 0 + low < NB - 1), other=0)
-        above = tl.load(gt_ptr + base, mask=earlier, other=0) + gt_low
-        ties_before = tl.sum(ge - gt_low, axis=0)
-        offset = tl.sum(above, axis=0) + tl.minimum(ties_before, need)
-
-        mine = pid.to(tl.int64) * nch + c
-        ties_here = tl.load(suffix_ptr + mine * NB + low)
-        if low < NB - 1:
-            ties_here -= tl.load(suffix_ptr + mine * NB + low + 1)
-
-        tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [CH / GROUP, GROUP]
-        keys = _load_keys(scores_ptr + b * stride_sb + r * stride_sr, tokens, n)
-        _write_chunk(keys, tokens, thr, need, ties_before, ties_here, idx_ptr + b * stride_ib + r * stride_ir + offset, GROUP)
-
-
 _SELECT = Pinned(_select_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-DIGITS = (8, 8, 8, 8)  # bits per radix pass, most significant first (benchmarks/select_profile.py: wider digits cost more in tl.histogram than the pass they save)
-
-
-def radix_passes(digits: tuple[int, ...] = DIGITS) -> list[dict]:
-    """Each pass's constants for _radix_kernel: its digit (SHIFT low bits below it, NB bins), where its
-    histogram sits in the row's (OFF), the previous pass's, and what its program 0 zeroes."""
-    assert sum(digits) == 32 and all(1 <= w <= 12 for w in digits) and digits[-1] <= 10, digits
-    offs = [sum(1 << w for w in digits[:p]) for p in range(len(digits) + 1)]
-    row = offs[-1]
-    passes = []
-    for p, w in enumerate(digits):
-        shift = 32 - sum(digits[: p + 1])
-        if p == 0:
-            z_off, z_size = offs[1], row - offs[1]  # every later pass's histogram
-        elif p >= 2:
-            z_off, z_size = offs[p - 2], 1 << digits[p - 2]
-        else:
-            z_off, z_size = 0, 0
-        prev = passes[-1] if passes else dict(SHIFT=32, NB=1, OFF=0)
-        passes.append(dict(
-            PASS=p, NPASS=len(digits), SHIFT=shift, NB=1 << w, OFF=offs[p], P_SHIFT=prev["SHIFT"], P_NB=prev["NB"],
-            P_OFF=prev["OFF"], Z_OFF=z_off, Z_SIZE=z_size, Z_BLOCK=pow2(max(z_size, 1)), HIST_ROW=row,
-        ))
-    return passes
-
-
 MODES = ("auto", "row", "split", "pivot")
 PIVOT_MIN_KEYS = 1 << 22  # choose_mode: pivot past the register tile once rows x tokens reach this
-
-
-def split_chunk(s: int) -> int:
-    """Tokens per program of the split selection: programs enough to fill the card at batch 1 (at
-    least 4 per row), each histogram pass a few thousand keys per program."""
-    if s <= 8192:
-        return max(GROUP, min(1024, pow2(triton.cdiv(s, 4))))
-    return 2048 if s <= 32768 else 4096
-
-
-def split_warps(chunk: int) -> int:
-    return 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
+SPLIT_MIN = 8192  # choose_mode: rows too few to fill the card go to split in one launch past this many tokens
 
 
 def row_cap() -> int:
@@ -379,6 +197,10 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     at 8 (0.072 vs 0.061): such rows take the row kernel where they are at least a quarter as many as the
     multiprocessors. A 65536-key tile lost to split and pivot everywhere (0.148 vs 0.082 ms at 8 rows,
     0.278 vs 0.226 at 40).
+    Split in one launch (select_radix.py, 2026-11-30, select_modes.py "split1"): where rows are that few and
+    longer than SPLIT_MIN tokens, it beat the row kernel at 8 x 16384 (llama3-8b kv, batch 1: whole step
+    0.0413 vs 0.0441 ms) and the five-launch split at 8 x 32768 (0.0506 vs 0.0572); not at 40 rows
+    (llama2-13b, batch 1, 16384: 0.0944 vs 0.0843 in the row kernel), where a row's program holds 16384 keys.
     LOKITOOL_SELECT=row|split|pivot forces a mode (row only where it can run; benchmarks)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
@@ -386,7 +208,10 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     block_cap = block_cap or row_cap()
     fits = s <= pow2(block_cap, 128)  # the row kernel holds whole rows only
     if forced == "auto" or (forced == "row" and not fits):
-        if fits and (s <= SHORT_ROW or 4 * total_rows >= num_sms):
+        few = 4 * total_rows < num_sms
+        if few and s > SPLIT_MIN and one_launch_default() and select_radix.one_launch_chunk(total_rows, s, num_sms):
+            return "split"
+        if fits and (s <= SHORT_ROW or not few):
             return "row"
         return "pivot" if s <= select_pivot.MAX_TOKENS and total_rows * s >= PIVOT_MIN_KEYS else "split"
     return forced
@@ -400,13 +225,14 @@ def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
 class SelectPlan:
     """How one selection of scores [B, R, S] runs, and its scratch. mode "row": a program per row
     holding BLOCK keys (thresholds and kept counts per write chunk). mode "split": chunks of CHUNK
-    tokens, a program each, radix passes of `digits` bits (histograms [B x R, sum of 2^digit bins],
-    kept zero between calls; per-row state; per-chunk counts and suffix sums of the last digit). mode
-    "pivot": chunks as split, a `sample`-key row sample, `cap` candidate slots per row (select_pivot.py)."""
+    tokens, a program each, select_radix.py's radix passes (histograms [B x R, 4 x 256] and per-row
+    counters, kept zero between calls; per-chunk counts and suffix sums of the last digit), in one launch
+    or five (`one_launch`: None for `split_one_launch`'s choice). mode "pivot": chunks as split, a
+    `sample`-key row sample, `cap` candidate slots per row (select_pivot.py)."""
 
     def __init__(
         self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int | None = None,
-        chunk: int | None = None, digits: tuple[int, ...] = DIGITS, cap: int | None = None, sample: int = select_pivot.SAMPLE,
+        chunk: int | None = None, cap: int | None = None, sample: int = select_pivot.SAMPLE, one_launch: bool | None = None,
     ):
         assert mode in ("row", "split", "pivot"), mode
         self.mode = mode
@@ -417,7 +243,9 @@ class SelectPlan:
             nch = max(1, self.block // WRITE_CHUNK)
             self.ws = {"thr": torch.empty(b * rows, **i32), "counts": torch.empty(b * rows * nch, **i32)}
             return
-        self.chunk = chunk or split_chunk(s)  # split and pivot: a program per chunk of a row
+        if mode == "split":
+            self.one_launch, chunk = split_one_launch(b * rows, s, device, chunk, one_launch)
+        self.chunk = chunk or select_radix.split_chunk(s)  # split and pivot: a program per chunk of a row
         assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
         self.nch = triton.cdiv(s, self.chunk)
         if mode == "pivot":
@@ -432,14 +260,43 @@ class SelectPlan:
                 "cand_tok": torch.empty(b * rows * self.cap, **i32),
             }
         else:
-            self.passes = radix_passes(digits)
-            last = self.passes[-1]
-            self.ws = {
-                "hist": torch.zeros(b * rows * last["HIST_ROW"], **i32),  # zero on entry: each call leaves it so
-                "state": torch.empty(b * rows * 2 * len(digits), **i32),
+            self.ws = {  # histograms and counters zero on entry: each call leaves them so
+                "hist": torch.zeros(b * rows * select_radix.HIST_ROW, **i32),
+                "sync": torch.zeros(b * rows * select_radix.SYNC, **i32),
                 "gt": torch.empty(b * rows * self.nch, **i32),
-                "suffix": torch.empty(b * rows * self.nch * last["NB"], **i32),
+                "suffix": torch.empty(b * rows * self.nch * select_radix.NB, **i32),
             }
+
+
+def one_launch_default() -> bool:
+    """Whether the split mode runs in one launch where it can: yes unless LOKITOOL_SPLIT_ONE_LAUNCH=0
+    (1 insists on it: a plan where it cannot is refused)."""
+    env = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH")
+    if env not in (None, "0", "1"):
+        raise ValueError(f"LOKITOOL_SPLIT_ONE_LAUNCH={env!r} must be 0 or 1")
+    return env != "0"
+
+
+def split_one_launch(total_rows: int, s: int, device: torch.device, chunk: int | None, one_launch: bool | None) -> tuple[bool, int | None]:
+    """(one launch?, chunk) for the split mode. One launch needs every program resident at once: on a GPU,
+    at most select_radix.programs_per_sm() per multiprocessor (one_launch_chunk picks the chunk); the
+    interpreter runs programs one after another, so there it is refused. LOKITOOL_SPLIT_ONE_LAUNCH=0|1
+    sets the default (benchmarks: 0 launches phase by phase)."""
+    if one_launch is None:
+        one_launch = one_launch_default()
+        forced = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH") == "1"
+    else:
+        forced = one_launch
+    num_sms = multiprocessors(torch.device(device))
+    resident = torch.device(device).type == "cuda" and not interpreting()
+    if one_launch and resident:
+        fit = select_radix.one_launch_chunk(total_rows, s, num_sms) if chunk is None else chunk
+        if fit is not None and total_rows * triton.cdiv(s, fit) <= num_sms * select_radix.programs_per_sm():
+            return True, fit
+    if forced and one_launch:
+        why = "the interpreter runs programs one at a time" if not resident else f"{total_rows} rows of {s} need more programs than {num_sms} multiprocessors hold"
+        raise ValueError(f"the split selection cannot run in one launch here: {why}")
+    return False, chunk
 
 
 def _launch(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor, idx: torch.Tensor, plan: SelectPlan) -> None:
@@ -462,7 +319,7 @@ def _steps(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor
         sized = dict(nch=plan.nch, CH=plan.chunk)
         cands = dict(cand_key_ptr=ws["cand_key"], cand_tok_ptr=ws["cand_tok"], CAP=plan.cap)
         counts = dict(above_ptr=ws["above"], ties_ptr=ws["ties"], NCH_PAD=pow2(plan.nch))
-        warps = split_warps(plan.chunk)
+        warps = select_radix.split_warps(plan.chunk)
         return [
             partial(launch, select_pivot._sample_kernel, per_row, **common, budgets_ptr=budgets, M=plan.sample,
                     MARGIN_SD=select_pivot.MARGIN, num_warps=8),
@@ -474,18 +331,17 @@ def _steps(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor
                     num_warps=warps),
         ]
     if plan.mode == "split":
-        last = plan.passes[-1]
-        assert ws["hist"].numel() == b * rows * last["HIST_ROW"] and ws["suffix"].numel() == b * rows * plan.nch * last["NB"]
+        assert ws["hist"].numel() == b * rows * select_radix.HIST_ROW and ws["suffix"].numel() == b * rows * plan.nch * select_radix.NB
         common = dict(
-            scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], state_ptr=ws["state"],
-            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, num_rows=rows, nch=plan.nch, CH=plan.chunk,
+            scores_ptr=scores, lengths_ptr=lengths, budgets_ptr=budgets, hist_ptr=ws["hist"], sync_ptr=ws["sync"],
+            gt_ptr=ws["gt"], suffix_ptr=ws["suffix"], **strides, **out, num_rows=rows, nch=plan.nch,
+            NB=select_radix.NB, CH=plan.chunk, NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=select_radix.split_warps(plan.chunk),
         )
-        warps = split_warps(plan.chunk)
         grid = (plan.nch, b * rows)
-        return [partial(launch, _radix_kernel, grid, **common, **p, num_warps=warps) for p in plan.passes] + [
-            partial(launch, _radix_write_kernel, grid, **common, **out, NPASS=last["NPASS"], NB=last["NB"], OFF=last["OFF"],
-                    HIST_ROW=last["HIST_ROW"], NCH_PAD=pow2(plan.nch), GROUP=GROUP, num_warps=warps),
-        ]
+        if plan.one_launch:  # registers capped so that the grid is resident at once
+            common["maxnreg"] = select_radix.one_launch_registers(plan.chunk)
+        return [partial(launch, select_radix._radix_kernel, grid, **common, FIRST=first, LAST=last)
+                for first, last in select_radix.phases(plan.one_launch)]
     block = plan.block
     nch = max(1, block // WRITE_CHUNK)
     assert block == triton.next_power_of_2(block) and block >= 128 and s <= block, (block, s)

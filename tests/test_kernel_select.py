@@ -90,16 +90,26 @@ def test_select_longer_rows(kind):
 
 
 
+ONE_LAUNCH = [False, pytest.param(True, marks=pytest.mark.skipif(not ON_GPU, reason="programs meet at barriers: GPU only"))]
+
+
 @pytest.mark.parametrize("kind", ["random", "one-binade", "few-values", "all-equal", "signed-zeros", "infinities", "extreme"])
 @pytest.mark.parametrize("kf", [1e-4, 0.3, 1.0], ids=["k=1", "kf=.3", "k=length"])
-def test_split_selection_is_exact_topk(kind, kf):
+@pytest.mark.parametrize("one_launch", ONE_LAUNCH, ids=["phases", "one-launch"])
+def test_split_selection_is_exact_topk(kind, kf, one_launch):
     """Split mode (rows over chunks of 64 tokens: up to 5 programs a row, ragged lengths ending mid-chunk,
-    on a chunk boundary and inside the first chunk) against exact top-k."""
+    on a chunk boundary and inside the first chunk) against exact top-k, launched phase by phase and (on
+    the GPU) in one launch whose programs meet at per-row barriers."""
+    from lokitool.kernels import select
+
     s = 300
     lengths = torch.tensor([300, 1, 256, 129], dtype=torch.int32)
     scores = _scores_of(kind, (4, 2, s), seed=len(kind) + 1)
     budgets = loki.decode_budget(lengths.long(), kf).to(torch.int32)
-    idx = select_topk(scores.to(DEVICE), lengths.to(DEVICE), budgets.to(DEVICE), kmax=LokiSpec(kf=kf).max_budget(s), mode="split", chunk=64)
+    plan = select.SelectPlan(4, 2, s, DEVICE, mode="split", chunk=64, one_launch=one_launch)
+    assert plan.one_launch == one_launch
+    idx = torch.empty(4, 2, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+    select._launch(scores=scores.to(DEVICE), lengths=lengths.to(DEVICE), budgets=budgets.to(DEVICE), idx=idx, plan=plan)
     assert_exact_topk(idx, scores, lengths, budgets)
 
 
@@ -121,21 +131,50 @@ def test_pivot_selection_is_exact_topk(kind, kf, cap):
     assert_exact_topk(idx, scores, lengths, budgets)
 
 
-@pytest.mark.parametrize("digits", [(8, 8, 8, 8), (12, 12, 8), (11, 11, 10)])
-def test_radix_digit_widths(digits):
-    """The radix passes at other digit widths (what benchmarks/select_profile.py compares) keep the
-    exact top-k too, over the score kinds that stress each pass (ties, a single binade, extremes)."""
-    from lokitool.kernels import select
+def test_split_one_launch_is_chosen_where_programs_fit_and_refused_elsewhere(monkeypatch):
+    """One launch only where every program of the grid can be resident (at most PER_SM per multiprocessor,
+    registers capped to fit; the chunk grows to fit, up to select_radix.MAX_CHUNK keys); the interpreter
+    (programs one at a time) and grids too large launch phase by phase, and a forced one launch there is
+    refused in one line, as are a bad LOKITOOL_SPLIT_ONE_LAUNCH and LOKITOOL_SPLIT_PER_SM."""
+    from lokitool.kernels import select, select_radix
 
-    s, kf = 300, 0.3
-    lengths = torch.tensor([300, 1, 256], dtype=torch.int32, device=DEVICE)
-    budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
-    plan = select.SelectPlan(3, 2, s, DEVICE, mode="split", chunk=64, digits=digits)
-    for kind in ("random", "one-binade", "few-values", "extreme"):
-        scores = _scores_of(kind, (3, 2, s), seed=3)
-        idx = torch.empty(3, 2, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
-        select._launch(scores=scores.to(DEVICE), lengths=lengths, budgets=budgets, idx=idx, plan=plan)
-        assert_exact_topk(idx, scores, lengths.cpu(), budgets.cpu())
+    monkeypatch.delenv("LOKITOOL_SPLIT_ONE_LAUNCH", raising=False)
+    assert select_radix.programs_per_sm() == select_radix.PER_SM == 2
+    assert select_radix.one_launch_chunk(8, 32768, 132, per_sm=1) == 2048  # batch 1, group kv: 16 programs a row
+    assert select_radix.one_launch_chunk(8, 32768, 132, per_sm=2) == 1024  # 256 programs, two a multiprocessor
+    assert select_radix.one_launch_chunk(8, 65536, 132, per_sm=2) == 2048
+    assert select_radix.one_launch_chunk(8, 131072, 132, per_sm=1) == 8192
+    assert select_radix.one_launch_chunk(8, 131072, 132, per_sm=2) == 4096
+    assert select_radix.one_launch_chunk(1, 300, 132) == 512  # a short row: one program
+    assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=1) == 16384
+    assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=2) == 8192
+    assert select_radix.one_launch_chunk(40, 131072, 132) is None  # 32768 keys a program: phases
+    assert select_radix.one_launch_registers(4096, per_sm=2) == 128  # 8 warps, two programs: 65536 registers
+    assert select_radix.one_launch_registers(8192, per_sm=2) == 64
+    assert select_radix.one_launch_registers(1024, per_sm=1) == 255  # Triton's ceiling
+    monkeypatch.setenv("LOKITOOL_SPLIT_PER_SM", "4")
+    assert select_radix.one_launch_chunk(40, 32768, 132) == 4096
+    monkeypatch.setenv("LOKITOOL_SPLIT_PER_SM", "3")
+    with pytest.raises(ValueError, match="LOKITOOL_SPLIT_PER_SM"):
+        select_radix.one_launch_chunk(40, 32768, 132)
+    monkeypatch.delenv("LOKITOOL_SPLIT_PER_SM")
+    assert select_radix.phases(True) == [(0, 4)] and select_radix.phases(False) == [(p, p) for p in range(5)]
+    if not ON_GPU:
+        assert select.split_one_launch(8, 32768, DEVICE, None, None) == (False, None)
+        with pytest.raises(ValueError, match="one launch here: the interpreter"):
+            select.SelectPlan(1, 8, 32768, DEVICE, mode="split", one_launch=True)
+        monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "1")
+        with pytest.raises(ValueError, match="one launch here"):
+            select.SelectPlan(1, 8, 32768, DEVICE, mode="split")
+    else:
+        assert select.split_one_launch(8, 32768, DEVICE, None, None)[0] == (2 * select.multiprocessors(DEVICE) >= 128)
+        with pytest.raises(ValueError, match="need more programs"):
+            select.SelectPlan(1, 400, 32768, DEVICE, mode="split", chunk=1024, one_launch=True)
+    monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "0")
+    assert select.split_one_launch(8, 32768, DEVICE, None, None) == (False, None)
+    monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="LOKITOOL_SPLIT_ONE_LAUNCH='yes' must be 0 or 1"):
+        select.SelectPlan(1, 8, 32768, DEVICE, mode="split")
 
 
 def test_pivot_bracket_holds_the_threshold():
@@ -157,16 +196,17 @@ def test_pivot_bracket_holds_the_threshold():
     assert bool((count <= plan.cap).all()) and bool((count < lengths.cpu().repeat_interleave(rows) // 4).all()), count.tolist()
 
 
-def test_split_selection_reuses_its_scratch():
-    """One SelectPlan over several calls (as loki_decode's plans run it): the radix histograms must
-    come back to zero after each call, whatever the previous call's rows were. NaN scores (a key above
-    +inf, or below -inf when negative) give the same kept sets as the row kernel."""
+@pytest.mark.parametrize("one_launch", ONE_LAUNCH, ids=["phases", "one-launch"])
+def test_split_selection_reuses_its_scratch(one_launch):
+    """One SelectPlan over several calls (as loki_decode's plans run it): the radix histograms and the
+    rows' counters must come back to zero after each call, whatever the previous call's rows were. NaN
+    scores (a key above +inf, or below -inf when negative) give the same kept sets as the row kernel."""
     from lokitool.kernels import select
 
     b, rows, s, kf = 2, 3, 200, 0.3
     lengths = torch.tensor([200, 97], dtype=torch.int32, device=DEVICE)
     budgets = loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32).to(DEVICE)
-    plan = select.SelectPlan(b, rows, s, DEVICE, mode="split", chunk=32)
+    plan = select.SelectPlan(b, rows, s, DEVICE, mode="split", chunk=32, one_launch=one_launch)
     for seed, kind in enumerate(["random", "few-values", "nan", "random"]):
         scores = _scores_of("random" if kind == "nan" else kind, (b, rows, s), seed=seed)
         if kind == "nan":
@@ -179,9 +219,7 @@ def test_split_selection_reuses_its_scratch():
         assert torch.equal(got, kept_mask(row_mode, budgets, s).cpu()), kind
         if kind != "nan":
             assert torch.equal(got, stable_topk_mask(scores, lengths.cpu(), budgets.cpu())), kind
-    hist = plan.ws["hist"].view(b * rows, -1)
-    cleared = plan.passes[-3]  # pass p's histogram is cleared by pass p + 2 within the call
-    assert int(hist[:, : cleared["OFF"] + cleared["NB"]].abs().sum()) == 0
+        assert int(plan.ws["hist"].abs().sum()) == 0 and int(plan.ws["sync"].abs().sum()) == 0, kind
 
 
 @pytest.mark.skipif(not ON_GPU, reason="decode-scale rows: minutes on the interpreter")
@@ -216,6 +254,42 @@ def test_select_at_decode_scale(mode, group_sum, s):
     assert not bad_rows, f"{len(bad_rows)} rows differ from exact top-k, first (b, r): {bad_rows[:8]}"
 
 
+@pytest.mark.skipif(not ON_GPU, reason="programs meet at barriers: GPU only")
+@pytest.mark.parametrize("rows,s", [(8, 32768), (8, 131072), (40, 32768)], ids=["kv-32k", "kv-128k", "head-32k"])
+def test_split_one_launch_at_batch_1_in_a_cuda_graph(rows, s):
+    """The batch-1 shapes the one-launch selection is for (llama3-8b group kv: 8 rows; llama2-13b: 40),
+    captured once in a CUDA graph and replayed over new scores and a new length, as loki_decode's call
+    graphs and the static loop run it: exactly the stable top-k every replay, the scratch zero after each."""
+    from lokitool.kernels import select, select_radix
+
+    kf = 0.25
+    plan = select.SelectPlan(1, rows, s, DEVICE, mode="split")
+    assert plan.one_launch and rows * plan.nch <= select.multiprocessors(DEVICE) * select_radix.programs_per_sm()
+    scores = torch.empty(1, rows, s, device=DEVICE)
+    lengths = torch.full((1,), s, dtype=torch.int32, device=DEVICE)
+    budgets = torch.empty(1, dtype=torch.int32, device=DEVICE)
+    idx = torch.empty(1, rows, LokiSpec(kf=kf).max_budget(s), dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(rows)
+
+    def fill(n: int, kind: str) -> None:
+        scores.copy_(_scores_of(kind, (1, rows, s), seed=n).to(DEVICE))
+        lengths.fill_(n)
+        budgets.copy_(loki.decode_budget(lengths.long().cpu(), kf).to(torch.int32))
+
+    fill(s, "random")
+    select._launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)  # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select._launch(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
+    for kind in ("random", "few-values", "one-binade", "infinities"):
+        n = int(torch.randint(s // 2, s + 1, (1,), generator=g))
+        fill(n, kind)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_exact_topk(idx, scores.cpu(), lengths.cpu(), budgets.cpu())
+        assert int(plan.ws["hist"].abs().sum()) == 0 and int(plan.ws["sync"].abs().sum()) == 0, kind
+
+
 def test_choose_mode_by_row_length_and_work(monkeypatch):
     """Rows that fit the register tile go to the row kernel; longer ones to pivot where there are many
     keys in all and the candidates fit, else to the radix passes; LOKITOOL_SELECT forces a mode, except
@@ -225,7 +299,9 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     monkeypatch.delenv("LOKITOOL_SELECT", raising=False)
     monkeypatch.delenv("LOKITOOL_ROW_CAP", raising=False)
     assert select.choose_mode(640, 16384, 132) == "row"
-    assert select.choose_mode(8, 16384, 132) == "row"
+    assert select.choose_mode(8, 16384, 132) == "split"  # batch 1, group kv: few rows, one launch
+    assert select.choose_mode(8, 8192, 132) == "row"
+    assert select.choose_mode(40, 16384, 132) == "row"
     assert select.choose_mode(640, 32768, 132) == "row"  # the 32768-key tile where rows are many
     assert select.choose_mode(33, 20000, 132) == "row"
     assert select.choose_mode(32, 20000, 132) == "split"  # batch 1, group kv: few rows spread over programs
@@ -233,6 +309,10 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     assert select.choose_mode(40, 131072, 132) == "pivot"
     assert select.choose_mode(8, 131072, 132) == "split"  # batch 1, group kv: too few keys for the sample to pay
     assert select.choose_mode(640, 262144, 132) == "split"  # past select_pivot.MAX_TOKENS
+    assert select.choose_mode(40, 131072, 132) == "pivot"  # one launch would hold 65536 keys a program
+    monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "0")
+    assert select.choose_mode(8, 16384, 132) == "row"
+    monkeypatch.delenv("LOKITOOL_SPLIT_ONE_LAUNCH")
     monkeypatch.setenv("LOKITOOL_SELECT", "split")
     assert select.choose_mode(640, 4096, 132) == "split"
     monkeypatch.setenv("LOKITOOL_SELECT", "row")

@@ -11,7 +11,8 @@ Per row: the median step time of graph replays (CUDA events around each), the me
 the input embedding, plus keys and values of the mean context of the timed steps) over the card's
 measured copy bandwidth; `x_floor` = ms/token over that floor. `compile_parts` runs the model's
 RMS norms and MLPs through torch.compile (static.compiled_parts) in that loop; on CUDA its q, k and v
-projections run as one matrix multiply (static.fused_projections; `fused_qkv` in the row). With `fill="random"` (default) the
+projections run as one matrix multiply, and so do each MLP's gate and up projections (static.decode_projections;
+`fused_qkv`, `fused_mlp` in the row). With `fill="random"` (default) the
 static loop's cache is filled with random keys and values instead of running the prefill (decode
 speed does not depend on what the cache holds; a 128k prefill would cost more than the decode).
 Methods of the eager loop (issue 6; transformers' eager decode, host launches every kernel):
@@ -285,7 +286,7 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
                                bases=loki_bases if spec is not None else None, spec=spec)
     prefill_s = None
     compiled = static.compiled_parts(model) if cfg.compile_parts else contextlib.nullcontext()
-    with compiled, static.static_attention(model, cache), static.decode_projections(model, device) as fused_qkv, torch.no_grad():
+    with compiled, static.static_attention(model, cache), static.decode_projections(model, device) as fused, torch.no_grad():
         decoder = static.StaticDecoder(model, cache)
         if cfg.fill == "random":
             cache.fill_random(cfg.prompt_len, torch.Generator(device).manual_seed(cfg.seed))
@@ -344,7 +345,8 @@ def run_graph_method(method: str, cfg: E2EConfig, loaded: LoadedModel, loki_base
         "tokens_per_s": cfg.batch / median,
         "graph": graph,
         "compiled": cfg.compile_parts,
-        "fused_qkv": fused_qkv > 0,
+        "fused_qkv": fused.qkv > 0,
+        "fused_mlp": fused.mlp > 0,
         "eager_ms": statistics.median(eager) * 1e3 if eager else None,
         "mean_context": cfg.prompt_len + plain_steps + cfg.warmup + (cfg.new_tokens - 1) / 2,
         "cache_mb": cache.nbytes() / 2**20,

@@ -15,7 +15,7 @@ from .options import Device, Dtype, int_list
 
 CSV_COLUMNS = [
     "device", "model", "method", "batch", "prompt_len", "new_tokens", "kf", "df", "d", "group", "dtype", "per_token_ms", "p10_ms",
-    "p90_ms", "tokens_per_s", "compiled", "fused_qkv", "eager_ms", "floor_ms", "x_floor", "floor_fraction", "speedup_vs_full_graph", "speedup_vs_full",
+    "p90_ms", "tokens_per_s", "compiled", "fused_qkv", "fused_mlp", "eager_ms", "floor_ms", "x_floor", "floor_fraction", "speedup_vs_full_graph", "speedup_vs_full",
     "mean_context", "weights_gb", "floor_gb", "bandwidth_gbs", "attention_share", "cache_share", "other_share", "prefill_s",
     "cache_mb", "peak_mem_mb", "finite_logits", "torch", "transformers", "triton", "cuda", "lokitool", "git", "timestamp",
 ]
@@ -89,7 +89,7 @@ def bench_e2e_command(
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         table.add_row(
-            r["method"] + (" +compile" if r.get("compiled") else "") + (" +qkv" if r.get("fused_qkv") else "") + (f" kf={r['kf']:g} df={r['df']:g} {r['group']}" if r["kf"] is not None else ""), str(r["batch"]),
+            r["method"] + (" +compile" if r.get("compiled") else "") + (" +qkv" if r.get("fused_qkv") else "") + (" +mlp" if r.get("fused_mlp") else "") + (f" kf={r['kf']:g} df={r['df']:g} {r['group']}" if r["kf"] is not None else ""), str(r["batch"]),
             str(r["prompt_len"]), f"{r['per_token_ms']:.2f}", f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}", f"{r['tokens_per_s']:.1f}",
             _fmt(r.get("eager_ms"), ".1f"), f"{r['floor_ms']:.2f}", f"{r['x_floor']:.2f}", _fmt(r["speedup_vs_full_graph"], ".2f"),
             _fmt(r["speedup_vs_full"], ".2f"), f"{r['cache_mb']:.0f}", _fmt(r["peak_mem_mb"], ".0f"),
