@@ -270,11 +270,16 @@ class SelectPlan:
 
 def one_launch_default() -> bool:
     """Whether the split mode runs in one launch where it can: yes unless LOKITOOL_SPLIT_ONE_LAUNCH=0
-    (1 insists on it: a plan where it cannot is refused)."""
+    (1 insists on it: a plan where it cannot is refused), or unless CUDA MPS limits this process to part
+    of the multiprocessors (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100), where a grid sized from the
+    device's count might not be resident at once and its barriers would wait forever."""
     env = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH")
     if env not in (None, "0", "1"):
         raise ValueError(f"LOKITOOL_SPLIT_ONE_LAUNCH={env!r} must be 0 or 1")
-    return env != "0"
+    if env is None:
+        share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip()
+        return not (share.replace(".", "", 1).isdigit() and float(share) < 100)
+    return env == "1"
 
 
 def split_one_launch(total_rows: int, s: int, device: torch.device, chunk: int | None, one_launch: bool | None) -> tuple[bool, int | None]:

@@ -313,6 +313,11 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "0")
     assert select.choose_mode(8, 16384, 132) == "row"
     monkeypatch.delenv("LOKITOOL_SPLIT_ONE_LAUNCH")
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # part of the card: no barriers across the grid
+    assert not select.one_launch_default() and select.choose_mode(8, 16384, 132) == "row"
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")
+    assert select.one_launch_default() and select.choose_mode(8, 16384, 132) == "split"
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     monkeypatch.setenv("LOKITOOL_SELECT", "split")
     assert select.choose_mode(640, 4096, 132) == "split"
     monkeypatch.setenv("LOKITOOL_SELECT", "row")
