@@ -180,7 +180,7 @@ def row_cap() -> int:
     return env_pow2("LOKITOOL_ROW_CAP", 128, 65536) or DEFAULT_BLOCK_CAP
 
 
-def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = None) -> str:
+def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = None, one_launch: bool | None = None) -> str:
     """"row" (a program per row) for rows that fit the register tile; longer rows over many programs:
     "pivot" (select_pivot.py) where rows x tokens reach PIVOT_MIN_KEYS, "split" (radix passes) otherwise.
     On an H200 (benchmarks/select_modes.py and select_profile.py, llama2-13b / llama3-8b shapes, kf 0.25):
@@ -201,7 +201,9 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     longer than SPLIT_MIN tokens, it beat the row kernel at 8 x 16384 (llama3-8b kv, batch 1: whole step
     0.0413 vs 0.0441 ms) and the five-launch split at 8 x 32768 (0.0506 vs 0.0572); not at 40 rows
     (llama2-13b, batch 1, 16384: 0.0944 vs 0.0843 in the row kernel), where a row's program holds 16384 keys.
-    LOKITOOL_SELECT=row|split|pivot forces a mode (row only where it can run; benchmarks)."""
+    one_launch: whether split may run in one launch on the device (one_launch_default(device); None: ask
+    the environment only). LOKITOOL_SELECT=row|split|pivot forces a mode (row only where it can run;
+    benchmarks)."""
     forced = os.environ.get("LOKITOOL_SELECT", "auto")
     if forced not in MODES:
         raise ValueError(f"LOKITOOL_SELECT={forced!r} is not one of {', '.join(MODES)}")
@@ -209,7 +211,9 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     fits = s <= pow2(block_cap, 128)  # the row kernel holds whole rows only
     if forced == "auto" or (forced == "row" and not fits):
         few = 4 * total_rows < num_sms
-        if few and s > SPLIT_MIN and one_launch_default() and select_radix.one_launch_chunk(total_rows, s, num_sms):
+        if one_launch is None:
+            one_launch = one_launch_default()
+        if few and s > SPLIT_MIN and one_launch and select_radix.one_launch_chunk(total_rows, s, num_sms):
             return "split"
         if fits and (s <= SHORT_ROW or not few):
             return "row"
@@ -219,7 +223,7 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
 
 def selection_mode(total_rows: int, s: int, device: torch.device) -> str:
     """The mode loki_decode's selection runs in for total_rows rows of s tokens on this device."""
-    return choose_mode(total_rows, s, multiprocessors(device))
+    return choose_mode(total_rows, s, multiprocessors(device), one_launch=one_launch_default(device))
 
 
 class SelectPlan:
@@ -268,18 +272,29 @@ class SelectPlan:
             }
 
 
-def one_launch_default() -> bool:
-    """Whether the split mode runs in one launch where it can: yes unless LOKITOOL_SPLIT_ONE_LAUNCH=0
-    (1 insists on it: a plan where it cannot is refused), or unless CUDA MPS limits this process to part
-    of the multiprocessors (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100), where a grid sized from the
-    device's count might not be resident at once and its barriers would wait forever."""
+ONE_LAUNCH_CAPABILITY = (9, 0)  # one_launch_default: Hopper and later, where the one launch was measured
+
+
+def one_launch_default(device: torch.device | None = None) -> bool:
+    """Whether the split mode runs in one launch where its grid fits: LOKITOOL_SPLIT_ONE_LAUNCH=1 insists
+    on it (a plan where it cannot is refused), 0 launches phase by phase. Unset: yes on CUDA devices of
+    compute capability 9.0 and up (measured on an H200, where two programs of every chunk size share a
+    multiprocessor; other cards' shared memory and thread limits were not checked), and not where CUDA
+    MPS limits this process to part of the multiprocessors (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100):
+    a grid sized from the device's count might not be resident at once there, and its barriers would
+    wait forever. Without a device, only the environment is asked."""
     env = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH")
     if env not in (None, "0", "1"):
         raise ValueError(f"LOKITOOL_SPLIT_ONE_LAUNCH={env!r} must be 0 or 1")
-    if env is None:
-        share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip()
-        return not (share.replace(".", "", 1).isdigit() and float(share) < 100)
-    return env == "1"
+    if env is not None:
+        return env == "1"
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip()
+    if share.replace(".", "", 1).isdigit() and float(share) < 100:
+        return False
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_capability(device) >= ONE_LAUNCH_CAPABILITY
+    return True
 
 
 def split_one_launch(total_rows: int, s: int, device: torch.device, chunk: int | None, one_launch: bool | None) -> tuple[bool, int | None]:
@@ -288,7 +303,7 @@ def split_one_launch(total_rows: int, s: int, device: torch.device, chunk: int |
     interpreter runs programs one after another, so there it is refused. LOKITOOL_SPLIT_ONE_LAUNCH=0|1
     sets the default (benchmarks: 0 launches phase by phase)."""
     if one_launch is None:
-        one_launch = one_launch_default()
+        one_launch = one_launch_default(device)
         forced = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH") == "1"
     else:
         forced = one_launch
@@ -401,7 +416,7 @@ def select_topk(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=scores.device)
     if mode == "auto":
-        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap)
+        mode = choose_mode(b * rows, s, multiprocessors(scores.device), block_cap, one_launch=one_launch_default(scores.device))
     elif mode == "row" and s > pow2(block_cap or row_cap(), 128):
         mode = "split"
     if lengths.dtype != torch.int32:

@@ -318,6 +318,13 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100")
     assert select.one_launch_default() and select.choose_mode(8, 16384, 132) == "split"
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    assert select.choose_mode(8, 16384, 132, one_launch=False) == "row"  # a card where it is not the default
+    monkeypatch.setattr(select, "interpreting", lambda: False)  # ask the card, as on a GPU
+    for capability, default in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert select.one_launch_default(torch.device("cuda")) is default, capability
+    monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "1")
+    assert select.one_launch_default(torch.device("cuda"))  # insisted on: any card
     monkeypatch.setenv("LOKITOOL_SELECT", "split")
     assert select.choose_mode(640, 4096, 132) == "split"
     monkeypatch.setenv("LOKITOOL_SELECT", "row")
