@@ -33,6 +33,15 @@ def env_pow2(name: str, low: int, high: int | None = None) -> int | None:
     return value
 
 
+def env_switch(name: str) -> bool | None:
+    """An on/off setting from the environment variable `name`: None where it is unset, True for 1,
+    False for 0, a ValueError naming the variable for anything else."""
+    raw = os.environ.get(name)
+    if raw not in (None, "0", "1"):
+        raise ValueError(f"{name}={raw!r} must be 0 or 1")
+    return None if raw is None else raw == "1"
+
+
 @functools.cache
 def multiprocessors(device) -> int:
     """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter), asked once per device."""

@@ -46,13 +46,11 @@ graph takes the launches). LOKITOOL_CALL_GRAPHS=0 turns this off (benchmarks com
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..sparse.reference import LokiSpec
 from . import attention, score, select
-from ._common import recording
+from ._common import env_switch, recording
 from .layout import Keys, LokiKeys, scored_plane
 
 
@@ -224,10 +222,7 @@ _PLANS: dict[tuple, _Plan] = {}
 def call_graphs() -> bool:
     """Whether repeated calls replay a call graph (_CallGraph): unless LOKITOOL_CALL_GRAPHS=0 (benchmarks
     compare both; the per-launch replay is then what runs)."""
-    flag = os.environ.get("LOKITOOL_CALL_GRAPHS", "1")
-    if flag not in ("0", "1"):
-        raise ValueError(f"LOKITOOL_CALL_GRAPHS={flag!r} must be 0 or 1")
-    return flag == "1"
+    return env_switch("LOKITOOL_CALL_GRAPHS") is not False
 
 
 def clear_plans() -> None:

@@ -41,6 +41,7 @@ from . import select_pivot, select_radix
 from ._common import (
     Pinned,
     env_pow2,
+    env_switch,
     float_bits,
     interpreting,
     keep_configs,
@@ -283,11 +284,9 @@ def one_launch_default(device: torch.device | None = None) -> bool:
     MPS limits this process to part of the multiprocessors (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE below 100):
     a grid sized from the device's count might not be resident at once there, and its barriers would
     wait forever. Without a device, only the environment is asked."""
-    env = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH")
-    if env not in (None, "0", "1"):
-        raise ValueError(f"LOKITOOL_SPLIT_ONE_LAUNCH={env!r} must be 0 or 1")
+    env = env_switch("LOKITOOL_SPLIT_ONE_LAUNCH")
     if env is not None:
-        return env == "1"
+        return env
     share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "100").strip()
     if share.replace(".", "", 1).isdigit() and float(share) < 100:
         return False
@@ -304,14 +303,15 @@ def split_one_launch(total_rows: int, s: int, device: torch.device, chunk: int |
     sets the default (benchmarks: 0 launches phase by phase)."""
     if one_launch is None:
         one_launch = one_launch_default(device)
-        forced = os.environ.get("LOKITOOL_SPLIT_ONE_LAUNCH") == "1"
+        forced = env_switch("LOKITOOL_SPLIT_ONE_LAUNCH") is True
     else:
         forced = one_launch
-    num_sms = multiprocessors(torch.device(device))
-    resident = torch.device(device).type == "cuda" and not interpreting()
+    device = torch.device(device)
+    num_sms = multiprocessors(device)
+    resident = device.type == "cuda" and not interpreting()
     if one_launch and resident:
         fit = select_radix.one_launch_chunk(total_rows, s, num_sms) if chunk is None else chunk
-        if fit is not None and total_rows * triton.cdiv(s, fit) <= num_sms * select_radix.programs_per_sm():
+        if fit is not None and select_radix.resident(total_rows, s, fit, num_sms):
             return True, fit
     if forced and one_launch:
         why = "the interpreter runs programs one at a time" if not resident else f"{total_rows} rows of {s} need more programs than {num_sms} multiprocessors hold"

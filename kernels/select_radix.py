@@ -211,9 +211,14 @@ def one_launch_chunk(rows: int, s: int, num_sms: int, per_sm: int | None = None)
     multiprocessor), the selection alone: 8 x 32768 keys 0.0233 ms in chunks of 1024, 0.0236 of 2048,
     0.0291 of 4096; 8 x 65536, 0.0278 of 2048, 0.0296 of 4096; 8 x 131072, 0.0374 of 4096, 0.0441 of 8192."""
     chunk = min(MIN_CHUNK, pow2(s))
-    while rows * triton.cdiv(s, chunk) > num_sms * (per_sm or programs_per_sm()):
+    while not resident(rows, s, chunk, num_sms, per_sm):
         chunk *= 2
     return chunk if chunk <= MAX_CHUNK else None
+
+
+def resident(rows: int, s: int, chunk: int, num_sms: int, per_sm: int | None = None) -> bool:
+    """Whether a grid of rows x chunks of `chunk` tokens fits per_sm programs a multiprocessor."""
+    return rows * triton.cdiv(s, chunk) <= num_sms * (per_sm or programs_per_sm())
 
 
 def one_launch_registers(chunk: int, per_sm: int | None = None) -> int:
