@@ -67,7 +67,7 @@ def _decode_ms(step, device) -> tuple[float, float]:
     return time_ms(step, device)[1], time_ms(step, device, graph=False)[1]
 
 
-def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> dict:
+def measure(preset: str, b: int, s: int, group: str, device: torch.device, chunks: tuple[int, ...] = ()) -> dict:
     h, hkv, dim = PRESETS[preset].attention_shape
     spec = LokiSpec(kf=0.25, df=0.25, group=group)
     d, kmax, scaling = spec.dims(dim), spec.max_budget(s), dim**-0.5
@@ -94,11 +94,11 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> di
         os.environ["LOKITOOL_SPLIT_ONE_LAUNCH"] = one_launch
         sel = lambda mode=mode: select_topk(scores, lengths, budgets, kmax=kmax, mode=mode)
         try:
-            sel()
+            idx = sel()
         except ValueError as e:  # one launch does not fit this grid
             print(f"{preset}:{b}:{s}:{group} {name}: {e}")
             continue
-        wrong_rows = int((kept_mask(sel(), budgets, s) != want).any(-1).sum())
+        wrong_rows = int((kept_mask(idx, budgets, s) != want).any(-1).sum())
         step = lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling)
         graph_ms, plain_ms = _decode_ms(step, device)
         out[name] = {
@@ -107,36 +107,29 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device) -> di
             "rows_not_exact": wrong_rows,
         }
     os.environ.pop("LOKITOOL_SELECT", None)
+    if chunks:
+        out["split1_chunks"] = split_chunks(scores, lengths, budgets, kmax, want, chunks, f"{preset}:{b}:{s}:{group}", device)
     os.environ.pop("LOKITOOL_SPLIT_ONE_LAUNCH", None)
     clear_plans()
     torch.cuda.empty_cache()
     return out
 
 
-def split_chunks(preset: str, b: int, s: int, group: str, device: torch.device, chunks: list[int]) -> dict:
+def split_chunks(scores, lengths, budgets, kmax: int, want, chunks: tuple[int, ...], label: str, device: torch.device) -> dict:
     """The split selection alone, in one launch, at each chunk size whose grid is resident
-    (select_radix.programs_per_sm()): {chunk: median ms of CUDA-graph replays}; exactness checked."""
-    h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(b, h, dim, generator=g, device=device).half()
-    k = split_keys(torch.randn(b, hkv, s, dim, generator=g, device=device).half(), spec.dims(dim))
-    lengths = torch.full((b,), s, dtype=torch.int32, device=device)
-    budgets = decode_budgets(lengths, spec.kf)
-    scores = loki_scores(q, k, lengths, d=spec.dims(dim), group=group)
-    want = exact_mask(scores, lengths, budgets)
+    (select_radix.programs_per_sm()): {chunk: median ms of CUDA-graph replays}; exactness checked against
+    `want` (exact_mask of the same scores)."""
     out = {}
     os.environ["LOKITOOL_SPLIT_ONE_LAUNCH"] = "1"  # refuse, rather than run phase by phase, where it does not fit
     for chunk in chunks:
-        sel = lambda chunk=chunk: select_topk(scores, lengths, budgets, kmax=spec.max_budget(s), mode="split", chunk=chunk)
+        sel = lambda chunk=chunk: select_topk(scores, lengths, budgets, kmax=kmax, mode="split", chunk=chunk)
         try:
-            wrong = int((kept_mask(sel(), budgets, s) != want).any(-1).sum())
+            wrong = int((kept_mask(sel(), budgets, scores.shape[-1]) != want).any(-1).sum())
         except ValueError as e:
-            print(f"  {preset}:{b}:{s}:{group} chunk {chunk}: {e}")
+            print(f"  {label} chunk {chunk}: {e}")
             continue
         out[chunk] = time_ms(sel, device)[1]
-        print(f"  {preset}:{b}:{s}:{group} split1 chunk {chunk:6d}: select {out[chunk]:.4f} ms, rows not exact {wrong}", flush=True)
-    os.environ.pop("LOKITOOL_SPLIT_ONE_LAUNCH")
+        print(f"  {label} split1 chunk {chunk:6d}: select {out[chunk]:.4f} ms, rows not exact {wrong}", flush=True)
     return out
 
 
@@ -147,19 +140,18 @@ def main() -> None:
     parser.add_argument("--split-chunks", default="", help="also time the split selection alone in one launch at these chunk sizes (comma-separated)")
     args = parser.parse_args()
     device = torch.device("cuda")
+    chunks = tuple(int(c) for c in args.split_chunks.split(",")) if args.split_chunks else ()
     results = []
     print(f"{'shape':34} {'auto':5} {'sdpa ms':>8} | {'mode':6} {'select':>7} {'decode':>7} {'plain':>7} {'x sdpa':>6} {'x plain':>7} "
           f"{'rows not exact top-k':>20}")
     for spec in args.shapes.split(","):
         preset, b, s, group = spec.split(":")
         try:
-            r = measure(preset, int(b), int(s), group, device)
+            r = measure(preset, int(b), int(s), group, device, chunks)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"{spec}: skipped, out of GPU memory")
             continue
-        if args.split_chunks:
-            r["split1_chunks"] = split_chunks(preset, int(b), int(s), group, device, [int(c) for c in args.split_chunks.split(",")])
         results.append(r)
         for mode in VARIANTS:
             if mode in r:
