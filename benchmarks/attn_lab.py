@@ -14,20 +14,15 @@ launch costs at all. Random fp16 data, kf = df = 0.25; CUDA-graph medians after 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
 import triton
 from lokitool.kernels import attention, decode_full, loki_scores, select, split_keys
 from lokitool.kernels._common import pow2
-from stage_lab import forced, name, open_log, shapes  # benchmarks/: the stage profile's config forcing, log and shapes
+from stage_lab import forced, lab_parser, name, run_lab  # benchmarks/: the stage profile's config forcing, options and loop
 
 from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
 from lokitool.bench.presets import PRESETS
 from lokitool.bench.timing import time_ms
-from lokitool.fileio import write_text_atomic
 from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_SHAPES = "llama3-8b:1:32768:kv,llama3-8b:1:131072:kv,llama3-8b:16:16384:kv,llama2-13b:1:131072:head"
@@ -130,22 +125,13 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log, qu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
-    parser.add_argument("--parts", default="reads,full,sparse")
-    parser.add_argument("--out", type=Path, default=Path("runs/attn_lab"))
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1 (autotuned configs only)")
+    parser = lab_parser(__doc__, DEFAULT_SHAPES, "reads,full,sparse", "runs/attn_lab",
+                        "cpu: a dry run under TRITON_INTERPRET=1 (autotuned configs only)")
     parser.add_argument("--no-configs", action="store_true", help="time the autotuned config only, not each config forced")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    log, gpu = open_log(args.out, "attn_lab.log", device)
-    results = []
-    for preset, b, s, group in shapes(args.shapes):
-        results.append(measure(preset, b, s, group, set(args.parts.split(",")), device, log, quick=device.type != "cuda",
-                               configs=device.type == "cuda" and not args.no_configs))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    write_text_atomic(args.out / "attn_lab.json", json.dumps({"gpu": gpu, "results": results}, indent=1))
+    parts = set(args.parts.split(","))
+    run_lab(args, "attn_lab", lambda preset, b, s, group, device, log: measure(
+        preset, b, s, group, parts, device, log, quick=device.type != "cuda", configs=device.type == "cuda" and not args.no_configs))
 
 
 if __name__ == "__main__":

@@ -167,20 +167,34 @@ def shapes(text: str) -> list[tuple[str, int, int, str]]:
     return [(preset, int(b), int(s), group) for preset, b, s, group in (shape.split(":") for shape in text.split(","))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
-    parser.add_argument("--parts", default="score,select,attn")
-    parser.add_argument("--out", type=Path, default=Path("runs/stage_lab"))
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script under TRITON_INTERPRET=1")
-    args = parser.parse_args()
+def lab_parser(doc: str, shapes_default: str, parts_default: str, out_default: str, device_help: str) -> argparse.ArgumentParser:
+    """The options every lab of this folder takes (attn_lab.py too): --shapes, --parts, --out, --device."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=shapes_default)
+    parser.add_argument("--parts", default=parts_default)
+    parser.add_argument("--out", type=Path, default=Path(out_default))
+    parser.add_argument("--device", default="cuda", help=device_help)
+    return parser
+
+
+def run_lab(args, name: str, measure_shape: Callable[..., dict]) -> None:
+    """Measure each of args.shapes (measure_shape(preset, b, s, group, device, log) -> dict), the GPU's
+    cache freed between shapes; the log in args.out/name.log, the results in args.out/name.json."""
     device = torch.device(args.device)
-    log, gpu = open_log(args.out, "stage_lab.log", device)
+    log, gpu = open_log(args.out, f"{name}.log", device)
     results = []
     for preset, b, s, group in shapes(args.shapes):
-        results.append(measure(preset, b, s, group, set(args.parts.split(",")) - {"none"}, device, log))
-        torch.cuda.empty_cache()
-    write_text_atomic(args.out / "stage_lab.json", json.dumps({"gpu": gpu, "results": results}, indent=1))
+        results.append(measure_shape(preset, b, s, group, device, log))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_text_atomic(args.out / f"{name}.json", json.dumps({"gpu": gpu, "results": results}, indent=1))
+
+
+def main() -> None:
+    args = lab_parser(__doc__, DEFAULT_SHAPES, "score,select,attn", "runs/stage_lab",
+                      "cpu: a dry run of the script under TRITON_INTERPRET=1").parse_args()
+    parts = set(args.parts.split(",")) - {"none"}
+    run_lab(args, "stage_lab", lambda preset, b, s, group, device, log: measure(preset, b, s, group, parts, device, log))
 
 
 if __name__ == "__main__":
