@@ -14,6 +14,8 @@
 #   modes   the selection modes side by side, the split mode phase by phase and in one launch, selection
 #           alone and whole steps (benchmarks/select_modes.py; $MODES_SHAPES: batch 1 by default)
 #   steps   whole steps, graph and plain, after do_bench's flush (stage_lab.py --parts none; $FLUSH_SHAPES)
+#   fused   the same whole steps through the three stages (LOKITOOL_FUSED_STEP=0) and through the one-kernel
+#           step at every shape (=1; kernels/loki_step.py)
 # STEPS picks steps (default: all). Set PYTHON for the interpreter, INSTALL=0 to skip the install.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,7 @@ mkdir -p "$R"
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$R/env.log" 2>&1
 STEPS=" ${STEPS:-tests flush stages host rowcap e2eprof} "
-TESTS=${TESTS:-tests/test_kernel_score.py tests/test_kernel_select.py tests/test_kernel_attention.py tests/test_kernel_decode.py tests/test_kernel_decode_full.py}
+TESTS=${TESTS:-tests/test_kernel_step.py tests/test_kernel_score.py tests/test_kernel_select.py tests/test_kernel_attention.py tests/test_kernel_decode.py tests/test_kernel_decode_full.py}
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 lab() { local name=$1 t=$2; shift 2; timeout "$t" $PY benchmarks/stage_lab.py "$@" --out "$R/$name" > "$R/$name.out" 2>&1; echo "$name rc $?"; }
 if want tests; then
@@ -37,6 +39,9 @@ fi
 SHAPES=${SHAPES:-llama3-8b:16:16384:kv,llama3-8b:1:32768:kv,llama2-13b:1:32768:head}
 if want steps; then
   lab steps 150 --parts none --shapes "$FLUSH_SHAPES"
+fi
+if want fused; then  # the one-kernel step (loki_step.py) against the three stages, at every shape
+  for f in 0 1; do LOKITOOL_FUSED_STEP=$f lab fused$f 200 --parts none --shapes "$FLUSH_SHAPES"; done
 fi
 MODES_SHAPES=${MODES_SHAPES:-llama3-8b:1:16384:kv,llama3-8b:1:32768:kv,llama3-8b:1:65536:kv,llama3-8b:1:131072:kv,llama2-13b:1:16384:head,llama2-13b:1:32768:head,llama3-8b:2:32768:kv}
 if want modes; then

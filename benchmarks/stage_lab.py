@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 import triton
-from lokitool.kernels import attention, decode_budgets, loki_decode, loki_scores, score, split_keys
+from lokitool.kernels import attention, decode_budgets, decode_path, loki_decode, loki_scores, score, split_keys
 from lokitool.kernels import select as sel
 from lokitool.kernels._common import pow2
 
@@ -60,7 +60,8 @@ def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) ->
     out["sum_low_ms"] = time_ms(lambda: k.low.sum(), device)[1]
     out["loki_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device)[1]
     out["loki_plain_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device, graph=False)[1]
-    log(f"{out['shape']}: sdpa {out['sdpa_ms']:.4f} ms ({kv_mb / out['sdpa_ms'] / 1e3:.2f} TB/s), loki {out['loki_ms']:.4f} "
+    out["path"] = decode_path(b * (h if group == "head" else hkv), s, device)
+    log(f"{out['shape']} [{out['path']}]: sdpa {out['sdpa_ms']:.4f} ms ({kv_mb / out['sdpa_ms'] / 1e3:.2f} TB/s), loki {out['loki_ms']:.4f} "
         f"({out['sdpa_ms'] / out['loki_ms']:.2f}x) plain {out['loki_plain_ms']:.4f}; sum(low) {out['sum_low_ms']:.4f} ms")
 
     score_mb = p.score_bytes / 1e6

@@ -175,9 +175,14 @@ def write_budgets(lengths_ptr, budgets_ptr, kf_bits, num_seqs, BLOCK: tl.constex
     offs = tl.arange(0, BLOCK)
     ok = offs < num_seqs
     n = tl.load(lengths_ptr + offs, mask=ok, other=0)
+    tl.store(budgets_ptr + offs, token_budget(n, kf_bits), mask=ok)
+
+
+@triton.jit
+def token_budget(n, kf_bits):
+    """max(1, floor(kf x n)) in float64 for int32 n (any shape); kf as its int64 bit pattern."""
     kf = kf_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    k = tl.floor(n.to(tl.float64) * kf).to(tl.int32)
-    tl.store(budgets_ptr + offs, tl.maximum(k, 1), mask=ok)
+    return tl.maximum(tl.floor(n.to(tl.float64) * kf).to(tl.int32), 1)
 
 
 def float_bits(x: float) -> int:

@@ -76,6 +76,67 @@ def _merge_pieces(o_part_ptr, lse_part_ptr, out_ptr, b, h, stride_ob, stride_oh,
         tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+@triton.jit
+def _attend_piece(
+    q_rows, stride_qh, k_base, kh_base, v_base, stride_ks, stride_hs, stride_vs, idx_row, lo, hi,
+    head_dim, d_low, scale_log2, o_ptr, stride_oh, lse_ptr, stride_lh,
+    QPS: tl.constexpr, QPS_PAD: tl.constexpr, DPAD: tl.constexpr, SPLIT: tl.constexpr, DLP: tl.constexpr,
+    DHP: tl.constexpr, HAS_HIGH: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One piece: an online softmax of the QPS query heads at q_rows (head g at q_rows + g x stride_qh)
+    over the kept tokens idx_row[lo:hi] of one KV head (keys at k_base, and kh_base for the high plane
+    where SPLIT, values at v_base), float32; stores the piece's output of head g at o_ptr + g x stride_oh
+    and its base-2 log-sum-exp at lse_ptr + g x stride_lh (-inf and 0 for an empty piece). The kept
+    indices are read past L1 (.cg): in loki_step.py other programs of the same launch wrote them."""
+    offs_g = tl.arange(0, QPS_PAD)
+    offs_d = tl.arange(0, DPAD)
+    g_ok = offs_g < QPS
+    d_ok = offs_d < head_dim
+    q_rows = q_rows + offs_g[:, None] * stride_qh
+    if SPLIT:  # keys in two planes: the first d_low dims, and the rest (layout.py)
+        offs_l = tl.arange(0, DLP)
+        offs_h = tl.arange(0, DHP)
+        l_ok = offs_l < d_low
+        h_ok = offs_h < head_dim - d_low
+        q_lo = tl.load(q_rows + offs_l[None, :], mask=g_ok[:, None] & l_ok[None, :], other=0.0)  # [QPS_PAD, DLP]
+        q_hi = tl.load(q_rows + d_low + offs_h[None, :], mask=g_ok[:, None] & h_ok[None, :], other=0.0)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [QPS_PAD, DPAD]
+
+    m_i = tl.full([QPS_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([QPS_PAD], dtype=tl.float32)
+    acc = tl.zeros([QPS_PAD, DPAD], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        tok = tl.load(idx_row + offs_n, mask=n_ok, other=0, cache_modifier=".cg").to(tl.int64)  # [BLOCK_N] kept token ids
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        if SPLIT:
+            k_lo = tl.load(k_base + tok[:, None] * stride_ks + offs_l[None, :], mask=n_ok[:, None] & l_ok[None, :], other=0.0)
+            qk = dot_f32(q_lo, tl.trans(k_lo), UPCAST_DOT)
+            if HAS_HIGH:
+                k_hi = tl.load(kh_base + tok[:, None] * stride_hs + offs_h[None, :], mask=n_ok[:, None] & h_ok[None, :], other=0.0)
+                qk += dot_f32(q_hi, tl.trans(k_hi), UPCAST_DOT)
+        else:
+            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, DPAD]
+            qk = dot_f32(q, tl.trans(k), UPCAST_DOT)
+        qk = qk * scale_log2  # [QPS_PAD, BLOCK_N], log2 units
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every step has a kept row
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, UPCAST_DOT)
+        m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + offs_g[:, None] * stride_oh + offs_d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + offs_g * stride_lh, lse, mask=g_ok)
+
+
 @triton.autotune(configs=_configs(), key=["QPS_PAD", "DPAD", "SPLIT", "ROWS_HINT", "MERGE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _sparse_attention_kernel(
@@ -104,59 +165,14 @@ def _sparse_attention_kernel(
     per_split = tl.cdiv(kk, nsplit)
     lo = pid_split * per_split
     hi = tl.minimum(lo + per_split, kk)
-
-    offs_g = tl.arange(0, QPS_PAD)
-    offs_d = tl.arange(0, DPAD)
-    g_ok = offs_g < QPS
-    d_ok = offs_d < head_dim
-    q_rows = q_ptr + b * stride_qb + (h0 + offs_g)[:, None] * stride_qh
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    if SPLIT:  # keys in two planes: the first d_low dims, and the rest (layout.py)
-        offs_l = tl.arange(0, DLP)
-        offs_h = tl.arange(0, DHP)
-        l_ok = offs_l < d_low
-        h_ok = offs_h < head_dim - d_low
-        q_lo = tl.load(q_rows + offs_l[None, :], mask=g_ok[:, None] & l_ok[None, :], other=0.0)  # [QPS_PAD, DLP]
-        q_hi = tl.load(q_rows + d_low + offs_h[None, :], mask=g_ok[:, None] & h_ok[None, :], other=0.0)
-        kh_base = kh_ptr + b * stride_hb + kvh * stride_hh
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [QPS_PAD, DPAD]
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    idx_row = idx_ptr + b * stride_ib + r * stride_ir
-
-    m_i = tl.full([QPS_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([QPS_PAD], dtype=tl.float32)
-    acc = tl.zeros([QPS_PAD, DPAD], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        tok = tl.load(idx_row + offs_n, mask=n_ok, other=0).to(tl.int64)  # [BLOCK_N] kept token ids
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        if SPLIT:
-            k_lo = tl.load(k_base + tok[:, None] * stride_ks + offs_l[None, :], mask=n_ok[:, None] & l_ok[None, :], other=0.0)
-            qk = dot_f32(q_lo, tl.trans(k_lo), UPCAST_DOT)
-            if HAS_HIGH:
-                k_hi = tl.load(kh_base + tok[:, None] * stride_hs + offs_h[None, :], mask=n_ok[:, None] & h_ok[None, :], other=0.0)
-                qk += dot_f32(q_hi, tl.trans(k_hi), UPCAST_DOT)
-        else:
-            k = tl.load(k_base + tok[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, DPAD]
-            qk = dot_f32(q, tl.trans(k), UPCAST_DOT)
-        qk = qk * scale_log2  # [QPS_PAD, BLOCK_N], log2 units
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every step has a kept row
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + tok[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + dot_f32(p.to(v.dtype), v, UPCAST_DOT)
-        m_i = m_new
-
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    o_ptrs = o_part_ptr + b * stride_ob + (h0 + offs_g)[:, None] * stride_oh + pid_split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, o, mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(lse_part_ptr + b * stride_lb + (h0 + offs_g) * stride_lh + pid_split, lse, mask=g_ok)
+    _attend_piece(
+        q_ptr + b * stride_qb + h0 * stride_qh, stride_qh,
+        k_ptr + b * stride_kb + kvh * stride_kh, kh_ptr + b * stride_hb + kvh * stride_hh, v_ptr + b * stride_vb + kvh * stride_vh,
+        stride_ks, stride_hs, stride_vs, idx_ptr + b * stride_ib + r * stride_ir, lo, hi, head_dim, d_low, scale_log2,
+        o_part_ptr + b * stride_ob + h0 * stride_oh + pid_split * stride_os, stride_oh,
+        lse_part_ptr + b * stride_lb + h0 * stride_lh + pid_split, stride_lh,
+        QPS, QPS_PAD, DPAD, SPLIT, DLP, DHP, HAS_HIGH, UPCAST_DOT, BLOCK_N,
+    )
     if MERGE:  # the row's last piece to finish merges all of them (done_ptr: a counter per row, left at 0)
         tl.debug_barrier()  # every thread's stores of this piece precede the release below
         finished = tl.atomic_add(done_ptr + pid_row, 1, sem="acq_rel")

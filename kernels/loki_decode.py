@@ -15,6 +15,8 @@ Stages, each callable (and timed by the benchmark) on its own:
     scores = loki_scores(q_rot, k_rot, lengths, d=d, group=group)              # score.py
     idx    = select_topk(scores, lengths, budgets, kmax=spec.max_budget(S))    # select.py
     out    = sparse_decode_attention(q_rot, k_rot, v, idx, budgets, scaling=s, group=group)
+Where the selection rows are too few to fill the card (batch 1) all three run in one kernel instead
+(loki_step.py: `decode_path` says which way a shape goes).
 No stage synchronises with the host (lengths given on the GPU are trusted), so a decode step can be
 captured in a CUDA graph.
 
@@ -49,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from ..sparse.reference import LokiSpec
-from . import attention, score, select
+from . import attention, loki_step, score, select
 from ._common import env_switch, recording
 from .layout import Keys, LokiKeys, scored_plane
 
@@ -88,6 +90,13 @@ class _Plan:
         _, hkv, s, _ = k_rot.shape
         device = q_rot.device
         self.rows = h if spec.group == "head" else hkv
+        self.qps = 1 if spec.group == "head" else h // hkv  # query heads per selection row
+        self.spec, self.d = spec, d
+        self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
+        self.calls: dict[tuple, _CallGraph | None] = {}  # cache tensors' addresses -> their call graph (None: seen once)
+        self.step = loki_step.StepPlan(b, self.rows, self.qps, s, dim, device) if loki_step.takes_step(b * self.rows, s, device) else None
+        if self.step is not None:  # one kernel (loki_step.py), its own scratch
+            return
         self.kmax = spec.max_budget(s)
         self.select = select.SelectPlan(b, self.rows, s, device, mode=select.selection_mode(b * self.rows, s, device))
         self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
@@ -97,16 +106,17 @@ class _Plan:
         self.idx = torch.empty(b, self.rows, self.kmax, dtype=torch.int32, device=device)  # [B, R, kmax]
         self.o_part = torch.empty(b, h, self.nsplit, dim, **f32)
         self.lse_part = torch.empty(b, h, self.nsplit, **f32)
-        self.qps = 1 if spec.group == "head" else h // hkv  # query heads per selection row
         self.done = torch.zeros(b * self.rows, dtype=torch.int32, device=device)  # pieces finished per row (attention.py)
-        self.spec, self.d = spec, d
-        self.replay: list[tuple[object, list, list[tuple[int, int]]]] | None = None
-        self.calls: dict[tuple, _CallGraph | None] = {}  # cache tensors' addresses -> their call graph (None: seen once)
 
     def stages(self, q_rot, k_rot, v, lengths, out, scaling: float) -> None:
         """The stages through the launchers (recorded on the first call): scores (the kernel also writes
         the budgets), selection, sparse attention, whose pieces are merged by each row's last piece or, where a
-        row serves several query heads, by the merge kernel (attention.merges_inside)."""
+        row serves several query heads, by the merge kernel (attention.merges_inside); or all of it in the
+        fused kernel (loki_step.py)."""
+        if self.step is not None:
+            loki_step._launch(q_rot=q_rot, k_rot=k_rot, v=v, lengths=lengths, out=out, kf=self.spec.kf, d=self.d, scaling=scaling,
+                              plan=self.step)
+            return
         score._launch(q_rot=q_rot, k_rot=scored_plane(k_rot), lengths=lengths, scores=self.scores, d=self.d,
                       group_kv=self.spec.group == "kv", budgets=self.budgets, kf=self.spec.kf)  # + budgets [B]: k = max(1, floor(kf x length))
         select._launch(scores=self.scores, lengths=lengths, budgets=self.budgets, idx=self.idx, plan=self.select)
@@ -223,6 +233,12 @@ def call_graphs() -> bool:
     """Whether repeated calls replay a call graph (_CallGraph): unless LOKITOOL_CALL_GRAPHS=0 (benchmarks
     compare both; the per-launch replay is then what runs)."""
     return env_switch("LOKITOOL_CALL_GRAPHS") is not False
+
+
+def decode_path(total_rows: int, s: int, device: torch.device) -> str:
+    """How loki_decode runs total_rows selection rows of s tokens on this device: "step" (one kernel,
+    loki_step.py), or the three stages with the selection in this mode (select.selection_mode)."""
+    return "step" if loki_step.takes_step(total_rows, s, device) else select.selection_mode(total_rows, s, device)
 
 
 def clear_plans() -> None:

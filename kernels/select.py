@@ -359,7 +359,7 @@ def _steps(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor
         )
         grid = (plan.nch, b * rows)
         if plan.one_launch:  # registers capped so that the grid is resident at once
-            common["maxnreg"] = select_radix.one_launch_registers(plan.chunk)
+            common["maxnreg"] = select_radix.one_launch_registers(select_radix.split_warps(plan.chunk))
         return [partial(launch, select_radix._radix_kernel, grid, **common, FIRST=first, LAST=last)
                 for first, last in select_radix.phases(plan.one_launch)]
     block = plan.block

@@ -45,6 +45,7 @@ SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the buc
 MIN_CHUNK = 1024  # keys a program holds for one launch, at least (one_launch_chunk)
 MAX_CHUNK = 16384  # and at most
 PER_SM = 2  # programs a multiprocessor holds at once in one launch (programs_per_sm)
+SPIN_LIMIT = tl.constexpr(1 << 22)  # reads of a row's counter before a barrier gives up (_row_wait)
 
 
 @triton.jit
@@ -81,10 +82,14 @@ def _row_arrive(counter_ptr):
 
 @triton.jit
 def _row_wait(counter_ptr, target):
-    """Spin until the row's counter reaches target (acquire: what the counted programs wrote is seen)."""
+    """Spin until the row's counter reaches target (acquire: what the counted programs wrote is seen).
+    Gives up after SPIN_LIMIT reads (seconds): a grid that was not resident after all then returns wrong
+    results, which the tests catch, instead of hanging the device."""
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
-    while seen < target:
+    spins = 0
+    while (seen < target) & (spins < SPIN_LIMIT):
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        spins += 1
 
 
 @triton.jit
@@ -94,60 +99,72 @@ def _radix_kernel(
     num_rows, nch,
     FIRST: tl.constexpr, LAST: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Phases FIRST..LAST (0-3: radix passes, 4: the write) of the selection of one chunk of one row.
-    Phases before FIRST ran in earlier launches: their histograms are complete, so the prefix is
-    rebuilt from them without waiting. Inside one launch a phase waits for the row's other chunks."""
+    """Phases FIRST..LAST (0-3: radix passes, 4: the write) of the selection of one chunk of one row."""
     c, pid, b, r, n, start = _chunk_program(lengths_ptr, num_rows, CH)
     if start < n:
-        kk = tl.load(budgets_ptr + b)
         nact = tl.cdiv(n, CH)  # chunks of the row with keys: the programs that meet at its barriers
         row_hist = hist_ptr + pid.to(tl.int64) * (4 * NB)
         arrivals = sync_ptr + pid.to(tl.int64) * 2
-        row_ptr = scores_ptr + b * stride_sb + r * stride_sr
-        offs = start + tl.arange(0, CH)
-        valid = offs < n
-        keys = _load_keys(row_ptr, offs, n)
-        bins = tl.arange(0, NB)
-        chunk = pid.to(tl.int64) * nch + c
-        prefix = kk * 0
-        remaining = kk
-        if FIRST > 1:
-            for q in tl.static_range(FIRST - 1):  # passes finished by earlier launches
-                prefix, remaining = _descend(row_hist, prefix, remaining, q, NB)
-        for p in tl.static_range(FIRST, LAST + 1):
-            if p > 0:
-                if p > FIRST:
-                    _row_wait(arrivals, p * nact)
-                prefix, remaining = _descend(row_hist, prefix, remaining, p - 1, NB)
-            if p < 4:
-                if p == 0:
-                    match = valid
-                    digit = (keys >> 24) + NB // 2  # signed top digit, shifted to 0..NB-1
-                else:  # keys whose digits above this pass equal the prefix
-                    match = valid & ((keys >> (32 - 8 * p)) == prefix)
-                    digit = (keys >> (24 - 8 * p)) & (NB - 1)
-                n_match = tl.sum(tl.where(match, 1, 0), axis=0)
-                hist = tl.zeros([NB], tl.int32)
-                if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
+        _radix_phases(scores_ptr + b * stride_sb + r * stride_sr, n, start, tl.load(budgets_ptr + b), c, pid, nch, nact,
+                      row_hist, arrivals, gt_ptr, suffix_ptr, idx_ptr + b * stride_ib + r * stride_ir,
+                      FIRST, LAST, NB, CH, NCH_PAD, GROUP)
+        if LAST == 4:
+            _row_depart(row_hist, arrivals, nact, NB)
+
+
+@triton.jit
+def _radix_phases(
+    row_ptr, n, start, kk, c, pid, nch, nact, row_hist, arrivals, gt_ptr, suffix_ptr, out_row,
+    FIRST: tl.constexpr, LAST: tl.constexpr, NB: tl.constexpr, CH: tl.constexpr, NCH_PAD: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Phases FIRST..LAST (LAST <= 4) of chunk c of a row of n keys at row_ptr, budget kk, kept tokens
+    listed from out_row. Phases before FIRST ran in earlier launches: their histograms are complete, so
+    the prefix is rebuilt from them without waiting. Inside one launch a phase waits for the row's other
+    nact chunks. Each pass counts this program in at the row's barrier; the write does not (callers
+    that go on after it arrive themselves)."""
+    offs = start + tl.arange(0, CH)
+    valid = offs < n
+    keys = _load_keys(row_ptr, offs, n)
+    bins = tl.arange(0, NB)
+    chunk = pid.to(tl.int64) * nch + c
+    prefix = kk * 0
+    remaining = kk
+    if FIRST > 1:
+        for q in tl.static_range(FIRST - 1):  # passes finished by earlier launches
+            prefix, remaining = _descend(row_hist, prefix, remaining, q, NB)
+    for p in tl.static_range(FIRST, LAST + 1):
+        if p > 0:
+            if p > FIRST:
+                _row_wait(arrivals, p * nact)
+            prefix, remaining = _descend(row_hist, prefix, remaining, p - 1, NB)
+        if p < 4:
+            if p == 0:
+                match = valid
+                digit = (keys >> 24) + NB // 2  # signed top digit, shifted to 0..NB-1
+            else:  # keys whose digits above this pass equal the prefix
+                match = valid & ((keys >> (32 - 8 * p)) == prefix)
+                digit = (keys >> (24 - 8 * p)) & (NB - 1)
+            n_match = tl.sum(tl.where(match, 1, 0), axis=0)
+            hist = tl.zeros([NB], tl.int32)
+            if n_match * SPARSE > CH:  # many keys in the bucket: a block histogram, one atomic per bin
+                hist = tl.histogram(digit, NB, mask=match)
+                tl.atomic_add(row_hist + p * NB + bins, hist, mask=hist > 0, sem="relaxed")
+            elif p < 3:  # few (the usual case past pass 0): an atomic per key, no histogram
+                tl.atomic_add(row_hist + p * NB + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
+            else:  # the last pass needs this chunk's histogram too (its suffix sums)
+                if n_match > 0:
                     hist = tl.histogram(digit, NB, mask=match)
                     tl.atomic_add(row_hist + p * NB + bins, hist, mask=hist > 0, sem="relaxed")
-                elif p < 3:  # few (the usual case past pass 0): an atomic per key, no histogram
-                    tl.atomic_add(row_hist + p * NB + digit, tl.full([CH], 1, tl.int32), mask=match, sem="relaxed")
-                else:  # the last pass needs this chunk's histogram too (its suffix sums)
-                    if n_match > 0:
-                        hist = tl.histogram(digit, NB, mask=match)
-                        tl.atomic_add(row_hist + p * NB + bins, hist, mask=hist > 0, sem="relaxed")
-                if p == 3:
-                    above_bucket = tl.sum(tl.where(valid & ((keys >> 8) > prefix), 1, 0), axis=0)
-                    tl.store(gt_ptr + chunk, above_bucket)
-                    at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys of the bucket with digit >= bin
-                    tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
-                _row_arrive(arrivals)
-            else:  # the keys again as [CH / GROUP, GROUP] (from L2 or L1: read a moment ago)
-                tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-                _write_phase(_load_keys(row_ptr, tokens, n), tokens, prefix, remaining, c, pid, nch, gt_ptr, suffix_ptr,
-                             idx_ptr + b * stride_ib + r * stride_ir, NB, NCH_PAD, GROUP)
-                _row_depart(row_hist, arrivals, nact, NB)
+            if p == 3:
+                above_bucket = tl.sum(tl.where(valid & ((keys >> 8) > prefix), 1, 0), axis=0)
+                tl.store(gt_ptr + chunk, above_bucket)
+                at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys of the bucket with digit >= bin
+                tl.store(suffix_ptr + chunk * NB + bins, at_or_above)
+            _row_arrive(arrivals)
+        else:  # the keys again as [CH / GROUP, GROUP] (from L2 or L1: read a moment ago)
+            tokens = start + tl.arange(0, CH // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            _write_phase(_load_keys(row_ptr, tokens, n), tokens, prefix, remaining, c, pid, nch, gt_ptr, suffix_ptr,
+                         out_row, NB, NCH_PAD, GROUP)
 
 
 @triton.jit
@@ -221,10 +238,10 @@ def resident(rows: int, s: int, chunk: int, num_sms: int, per_sm: int | None = N
     return rows * triton.cdiv(s, chunk) <= num_sms * (per_sm or programs_per_sm())
 
 
-def one_launch_registers(chunk: int, per_sm: int | None = None) -> int:
-    """Registers per thread (Triton's maxnreg) that let per_sm programs of split_warps(chunk) warps share
-    a multiprocessor's 65536 (Hopper, Ampere); shared memory (a few KB a program) is far from its limit."""
-    threads = 32 * split_warps(chunk) * (per_sm or programs_per_sm())
+def one_launch_registers(warps: int, per_sm: int | None = None) -> int:
+    """Registers per thread (Triton's maxnreg) that let per_sm programs of `warps` warps share a
+    multiprocessor's 65536 (Hopper, Ampere); shared memory (a few KB a program) is far from its limit."""
+    threads = 32 * warps * (per_sm or programs_per_sm())
     return min(255, 65536 // threads // 8 * 8)
 
 

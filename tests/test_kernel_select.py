@@ -149,9 +149,9 @@ def test_split_one_launch_is_chosen_where_programs_fit_and_refused_elsewhere(mon
     assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=1) == 16384
     assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=2) == 8192
     assert select_radix.one_launch_chunk(40, 131072, 132) is None  # 32768 keys a program: phases
-    assert select_radix.one_launch_registers(4096, per_sm=2) == 128  # 8 warps, two programs: 65536 registers
-    assert select_radix.one_launch_registers(8192, per_sm=2) == 64
-    assert select_radix.one_launch_registers(1024, per_sm=1) == 255  # Triton's ceiling
+    assert select_radix.one_launch_registers(select_radix.split_warps(4096), per_sm=2) == 128  # 8 warps, two programs: 65536 registers
+    assert select_radix.one_launch_registers(select_radix.split_warps(8192), per_sm=2) == 64
+    assert select_radix.one_launch_registers(select_radix.split_warps(1024), per_sm=1) == 255  # Triton's ceiling
     monkeypatch.setenv("LOKITOOL_SPLIT_PER_SM", "4")
     assert select_radix.one_launch_chunk(40, 32768, 132) == 4096
     monkeypatch.setenv("LOKITOOL_SPLIT_PER_SM", "3")

@@ -257,10 +257,10 @@ def run_method(method: str, x: dict, p: Point, device: torch.device, scaling: fl
         whole, stages = _stage_fns(method, x, p, scaling)
         res = MethodResult(output=whole().float())
         if method == "loki-triton":  # peak memory counts the scratch that loki_decode's first call at a shape keeps
-            from ..kernels import clear_plans, selection_mode
+            from ..kernels import clear_plans, decode_path
 
             clear_plans()
-            res.select = selection_mode(p.batch * p.rows, p.seq_len, device)
+            res.select = decode_path(p.batch * p.rows, p.seq_len, device)
         res.peak_mem_mb = peak_extra_mb(whole, device)
         res.p10_ms, res.median_ms, res.p90_ms = time_ms(whole, device)
         res.plain_ms = time_ms(whole, device, graph=False)[1] if device.type == "cuda" else res.median_ms
