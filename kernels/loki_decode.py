@@ -31,8 +31,8 @@ made while autotuned kernels pin their config. Later calls with the same shapes,
 pointer alignments, settings and stream check nothing again and replay the record with their own
 tensors swapped in: a key lookup, one allocation (the output) and the launches, every pointer passed
 as a raw address (Triton's launcher would ask each tensor for it, and CUDA whether it is a device pointer, on
-every launch: ~10 us of a call's ~60 on an H200's host). The last MAX_PLANS
-plans keep their scratch (about B x R x S x 5 bytes, R selection rows, + 1/16 of that split; `clear_plans()` frees it);
+every launch: ~10 us of a call's ~60 on an H200's host). The last MAX_PLANS plans keep their scratch
+(about B x R x S x 5 bytes, R selection rows, + 1/16 of that split; x 8 for loki_step.py; `clear_plans()` frees it);
 a plan serves one call at a time on its stream, and a CUDA graph captured from loki_decode may be
 replayed only while its plan is kept. A decode loop over a cache whose length grows each step
 (sparse/generation.py) gets a new plan per step and gains nothing here; one that passes the
