@@ -67,7 +67,8 @@ def _decode_ms(step, device) -> tuple[float, float]:
     return time_ms(step, device)[1], time_ms(step, device, graph=False)[1]
 
 
-def measure(preset: str, b: int, s: int, group: str, device: torch.device, chunks: tuple[int, ...] = ()) -> dict:
+def measure(preset: str, b: int, s: int, group: str, device: torch.device, chunks: tuple[int, ...] = (),
+            modes: tuple[str, ...] = tuple(VARIANTS), pivot_chunks: tuple[int, ...] = ()) -> dict:
     h, hkv, dim = PRESETS[preset].attention_shape
     spec = LokiSpec(kf=0.25, df=0.25, group=group)
     d, kmax, scaling = spec.dims(dim), spec.max_budget(s), dim**-0.5
@@ -88,7 +89,7 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device, chunk
     }
     want = exact_mask(scores, lengths, budgets)
     for name, (mode, one_launch) in VARIANTS.items():
-        if mode == "row" and s > row_cap():
+        if (mode == "row" and s > row_cap()) or name not in modes:
             continue
         os.environ["LOKITOOL_SELECT"] = mode
         os.environ["LOKITOOL_SPLIT_ONE_LAUNCH"] = one_launch
@@ -109,6 +110,21 @@ def measure(preset: str, b: int, s: int, group: str, device: torch.device, chunk
     os.environ.pop("LOKITOOL_SELECT", None)
     if chunks:
         out["split1_chunks"] = split_chunks(scores, lengths, budgets, kmax, want, chunks, f"{preset}:{b}:{s}:{group}", device)
+    if pivot_chunks:
+        out["pivot_chunks"] = {}
+        os.environ["LOKITOOL_SELECT"] = "pivot"
+        for chunk in pivot_chunks:  # the selection alone and whole steps, the pivot mode's chunk forced
+            os.environ["LOKITOOL_PIVOT_CHUNK"] = str(chunk)
+            clear_plans()
+            sel = lambda: select_topk(scores, lengths, budgets, kmax=kmax, mode="pivot")  # noqa: E731
+            wrong = int((kept_mask(sel(), budgets, s) != want).any(-1).sum())
+            graph_ms, plain_ms = _decode_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device)
+            row = out["pivot_chunks"][chunk] = {"select_ms": time_ms(sel, device)[1], "decode_ms": graph_ms, "decode_plain_ms": plain_ms,
+                                                "rows_not_exact": wrong}
+            print(f"  {preset}:{b}:{s}:{group} pivot chunk {chunk:6d}: select {row['select_ms']:.4f} ms, step {graph_ms:.4f} "
+                  f"({out['sdpa_ms'] / graph_ms:.2f}x sdpa), plain {plain_ms:.4f}, rows not exact {wrong}", flush=True)
+        os.environ.pop("LOKITOOL_PIVOT_CHUNK")
+        os.environ.pop("LOKITOOL_SELECT")
     os.environ.pop("LOKITOOL_SPLIT_ONE_LAUNCH", None)
     clear_plans()
     torch.cuda.empty_cache()
@@ -138,6 +154,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="preset:batch:context:group, comma-separated")
     parser.add_argument("--out", type=Path, default=Path("runs/select_modes"))
     parser.add_argument("--split-chunks", default="", help="also time the split selection alone in one launch at these chunk sizes (comma-separated)")
+    parser.add_argument("--pivot-chunks", default="", help="also time the pivot selection and whole steps at these chunk sizes (comma-separated)")
+    parser.add_argument("--modes", default=",".join(VARIANTS), help="the variants to time (comma-separated)")
     args = parser.parse_args()
     device = torch.device("cuda")
     chunks = tuple(int(c) for c in args.split_chunks.split(",")) if args.split_chunks else ()
@@ -147,7 +165,8 @@ def main() -> None:
     for spec in args.shapes.split(","):
         preset, b, s, group = spec.split(":")
         try:
-            r = measure(preset, int(b), int(s), group, device, chunks)
+            r = measure(preset, int(b), int(s), group, device, chunks, tuple(args.modes.split(",")),
+                        tuple(int(c) for c in args.pivot_chunks.split(",")) if args.pivot_chunks else ())
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"{spec}: skipped, out of GPU memory")

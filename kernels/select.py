@@ -250,7 +250,7 @@ class SelectPlan:
             return
         if mode == "split":
             self.one_launch, chunk = split_one_launch(b * rows, s, device, chunk, one_launch)
-        self.chunk = chunk or select_radix.split_chunk(s)  # split and pivot: a program per chunk of a row
+        self.chunk = chunk or (pivot_chunk(s) if mode == "pivot" else select_radix.split_chunk(s))  # a program per chunk of a row
         assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
         self.nch = triton.cdiv(s, self.chunk)
         if mode == "pivot":
@@ -271,6 +271,18 @@ class SelectPlan:
                 "gt": torch.empty(b * rows * self.nch, **i32),
                 "suffix": torch.empty(b * rows * self.nch * select_radix.NB, **i32),
             }
+
+
+PIVOT_CHUNK = 1024  # tokens per program of the pivot mode's compact and write kernels (pivot_chunk)
+
+
+def pivot_chunk(s: int) -> int:
+    """Tokens per program of the pivot mode's compact and write kernels: PIVOT_CHUNK (at most the row), or
+    LOKITOOL_PIVOT_CHUNK (a power of two from 256 to 16384; benchmarks/select_modes.py --pivot-chunks). On an
+    H200 (kf 0.25, whole loki_decode steps, reports/bench/select-profile/pivot-chunks) 1024 beat the 4096 of
+    before everywhere it runs, 2048 by a little: llama2-13b B=16 64k 2.347 / 2.352 / 2.423 ms at 1024 / 2048 /
+    4096, 128k 4.482 / 4.515 / 4.613; llama3-8b kv B=16 64k 0.519 / 0.521 / 0.537, 128k 0.956 / 0.964 / 0.987."""
+    return env_pow2("LOKITOOL_PIVOT_CHUNK", 256, 16384) or min(PIVOT_CHUNK, pow2(s, 32))
 
 
 ONE_LAUNCH_CAPABILITY = (9, 0)  # one_launch_default: Hopper and later, where the one launch was measured

@@ -342,3 +342,18 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
         monkeypatch.setenv("LOKITOOL_ROW_CAP", bad)
         with pytest.raises(ValueError, match="LOKITOOL_ROW_CAP"):
             select.choose_mode(640, 4096, 132)
+
+
+def test_pivot_chunk_default_and_override(monkeypatch):
+    """The pivot mode's chunk: 1024 tokens (measured faster than 2048 and 4096), a short row's own length
+    (a power of two), LOKITOOL_PIVOT_CHUNK where set, refused in one line where not a power of two in range."""
+    from lokitool.kernels import select
+
+    monkeypatch.delenv("LOKITOOL_PIVOT_CHUNK", raising=False)
+    assert [select.pivot_chunk(s) for s in (131072, 65536, 700, 5)] == [1024, 1024, 1024, 32]
+    assert select.SelectPlan(2, 3, 5000, DEVICE, mode="pivot").nch == 5
+    monkeypatch.setenv("LOKITOOL_PIVOT_CHUNK", "4096")
+    assert select.pivot_chunk(131072) == 4096
+    monkeypatch.setenv("LOKITOOL_PIVOT_CHUNK", "3000")
+    with pytest.raises(ValueError, match="LOKITOOL_PIVOT_CHUNK"):
+        select.pivot_chunk(131072)
