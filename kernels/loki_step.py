@@ -175,10 +175,6 @@ def takes_step(total_rows: int, s: int, device: torch.device) -> bool:
     return one_launch and chunk <= MAX_CHUNK
 
 
-def step_warps(chunk: int) -> int:
-    return select_radix.split_warps(chunk)
-
-
 class StepPlan:
     """Scratch and launch shape of one step: b x rows selection rows of s tokens in chunks of `chunk`
     (one_launch_chunk's where the grid is resident; select_radix.split_chunk's phase by phase); `rows`
@@ -208,7 +204,7 @@ class StepPlan:
         self.idx = torch.empty(b, rows, s, **i32)  # kept lists (kmax <= s)
         self.o_part = torch.empty(b, rows * qps, self.nch, dim, **f32)
         self.lse_part = torch.empty(b, rows * qps, self.nch, **f32)
-        self.block_s, self.block_n, self.stages, self.warps = BLOCK_S, BLOCK_N, None, step_warps(self.chunk)
+        self.block_s, self.block_n, self.stages, self.warps = BLOCK_S, BLOCK_N, None, select_radix.split_warps(self.chunk)
         self.checked = False
 
     def launches(self) -> list[tuple[int, int]]:
