@@ -82,7 +82,8 @@ def bench(
     timing = ("median = CUDA-graph replays, plain = calls without an enclosing graph (loki-triton's from the third call: "
               "its own call graph for the same cache, LOKITOOL_CALL_GRAPHS=0 launches kernel by kernel)") if env.copy_gbps \
         else "median = plain = calls on the CPU"
-    out.print(f"selection: group {group}, {rows_per} per sequence; select = loki-triton's top-k kernels (row: a program per row, "
-              f"split: a row over many programs); {timing}")
+    out.print(f"selection: group {group}, {rows_per} per sequence; select = how loki-triton ran (row: a top-k program per row, "
+              f"split / pivot: a row over many programs, step: score, top-k and attention in one kernel; its score / select / attn "
+              f"columns time the three-kernel stages); {timing}")
     written = [str(result.csv_path), str(result.json_path)] + ([str(result.png_path)] if result.png_path else [])
     out.print(f"torch {env.torch}, triton {env.triton}; wrote {', '.join(written)}")
