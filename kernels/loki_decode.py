@@ -24,9 +24,9 @@ Host cost: a decode step also runs outside a CUDA graph (eager decoding, a serve
 and Triton's launch path costs the host tens of microseconds per kernel, mostly re-deriving each
 argument's specialization. So the first call at a shape builds a plan (`_Plan`): the scratch of
 every stage, and a record of its launches (four; six when the selection runs in pivot mode, on
-rows past the register tile; in radix "split" mode three where its grid fits one program per
-multiprocessor, seven elsewhere: select.py; one more, the merge, with
-group="kv": attention.merges_inside) (compiled kernel, grid, arguments; _common.Recorded),
+rows past the register tile; in radix "split" mode three where its grid is resident at once, seven
+elsewhere: select.py; one more, the merge, with group="kv": attention.merges_inside; one for the
+step, loki_step.py, six where it runs phase by phase) (compiled kernel, grid, arguments; _common.Recorded),
 made while autotuned kernels pin their config. Later calls with the same shapes, strides, dtypes, devices,
 pointer alignments, settings and stream check nothing again and replay the record with their own
 tensors swapped in: a key lookup, one allocation (the output) and the launches, every pointer passed

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import select, select_radix
-from ._common import dot_f32, env_switch, float_bits, interpreting, launch, multiprocessors, pow2, token_budget, upcast_dot
+from ._common import dot_f32, env_switch, float_bits, interpreting, launch, pow2, token_budget, upcast_dot
 from .attention import LOG2E, MERGE_TILE, _attend_piece
 from .layout import Keys, LokiKeys
 from .select_keys import _chunk_program
@@ -139,15 +139,11 @@ def _step_kernel(
                 lse_part_ptr + b * stride_lb + h0 * stride_lh + c, stride_lh,
                 QPS, QPS_PAD, DPAD, SPLIT, DLP, DHP, HAS_HIGH, UPCAST_DOT, BLOCK_N,
             )
-            tl.debug_barrier()  # every thread's stores of this piece precede the release below
-            left = tl.atomic_add(arrivals + 1, 1, sem="acq_rel")
-            if left == nact - 1:  # the row's last program: every piece is stored, every histogram read
+            if select_radix._row_depart(row_hist, arrivals, nact, NB):  # the row's last program: every piece is stored
                 _merge_heads(o_part_ptr + b * stride_ob + h0 * stride_oh, stride_oh, stride_os,
                              lse_part_ptr + b * stride_lb + h0 * stride_lh, stride_lh,
                              out_ptr + b * stride_outb + h0 * stride_outh, stride_outh, head_dim, nact,
                              QPS, QP2, NCH_PAD, DPAD, MERGE_DC)
-                tl.store(row_hist + tl.arange(0, 4 * NB), tl.zeros([4 * NB], tl.int32))
-                tl.store(arrivals + tl.arange(0, 2), tl.zeros([2], tl.int32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,19 +174,13 @@ def takes_step(total_rows: int, s: int, device: torch.device) -> bool:
 class StepPlan:
     """Scratch and launch shape of one step: b x rows selection rows of s tokens in chunks of `chunk`
     (one_launch_chunk's where the grid is resident; select_radix.split_chunk's phase by phase); `rows`
-    serve qps query heads each, head dim `dim`. one_launch None: where the grid is resident (on a CUDA
-    device, not the interpreter); False: phase by phase."""
+    serve qps query heads each, head dim `dim`. One launch or phase by phase as the split selection decides
+    (select.split_one_launch: one_launch None for its default, False phase by phase, True insists)."""
 
     def __init__(self, b: int, rows: int, qps: int, s: int, dim: int, device: torch.device, *,
                  one_launch: bool | None = None, chunk: int | None = None):
-        device = torch.device(device)
-        num_sms = multiprocessors(device)
-        resident = device.type == "cuda" and not interpreting()
-        fit = select_radix.one_launch_chunk(b * rows, s, num_sms) if resident and one_launch is not False else None
-        if chunk is not None and fit is not None and not select_radix.resident(b * rows, s, chunk, num_sms):
-            fit = None
-        self.one_launch = fit is not None
-        self.chunk = chunk or fit or select_radix.split_chunk(s)
+        self.one_launch, chunk = select.split_one_launch(b * rows, s, device, chunk, one_launch)
+        self.chunk = chunk or select_radix.split_chunk(s)
         assert self.chunk == pow2(self.chunk) and self.chunk >= 32, self.chunk
         self.nch = triton.cdiv(s, self.chunk)
         self.b, self.rows, self.qps, self.s = b, rows, qps, s

@@ -193,13 +193,16 @@ def _write_phase(keys, tokens, thr, need, c, pid, nch, gt_ptr, suffix_ptr, out_p
 @triton.jit
 def _row_depart(row_hist, sync, nact, NB: tl.constexpr):
     """Count this program out; the row's last one (every other has read what it needed) zeroes the
-    row's histograms and counters for the next call."""
+    row's histograms and counters for the next call. Returns whether this program was the last: what
+    the others stored before departing is then visible to it (loki_step.py merges the row's pieces)."""
     tl.debug_barrier()
     left = tl.atomic_add(sync + 1, 1, sem="acq_rel")
-    if left == nact - 1:
+    last = left == nact - 1
+    if last:
         tl.store(row_hist + tl.arange(0, 4 * NB), tl.zeros([4 * NB], tl.int32))
         two = tl.arange(0, 2)
         tl.store(sync + two, tl.zeros([2], tl.int32))
+    return last
 
 
 # ----------------------------------------------------------------------------------------------

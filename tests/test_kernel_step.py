@@ -187,3 +187,5 @@ def test_batch_1_gqa_takes_the_step_up_to_chunks_of_2048(monkeypatch):
         pytest.skip("chunk sizes follow the multiprocessor count")
     assert [decode_path(8, s, DEVICE) for s in (16384, 32768, 65536)] == ["step"] * 3
     assert decode_path(8, 131072, DEVICE) == "split" and decode_path(40, 32768, DEVICE) == "row"
+    monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "0")  # the one launch's gates hold for the step too
+    assert decode_path(8, 32768, DEVICE) != "step" and not step.StepPlan(1, 8, 4, 32768, 128, DEVICE).one_launch
