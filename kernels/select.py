@@ -171,7 +171,7 @@ _SELECT = Pinned(_select_kernel)
 # Launchers
 
 MODES = ("auto", "row", "split", "pivot")
-PIVOT_MIN_KEYS = 1 << 22  # choose_mode: pivot past the register tile once rows x tokens reach this
+PIVOT_MIN_KEYS = 1 << 21  # choose_mode: pivot past the register tile once rows x tokens reach this
 SPLIT_MIN = 8192  # choose_mode: rows too few to fill the card go to split in one launch past this many tokens
 
 
@@ -190,7 +190,9 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     and 98 vs 253 us (640 rows). Past the tile, pivot's row sample (a sort of 2048 keys, ~0.03 ms a wave of
     rows) pays off once there are PIVOT_MIN_KEYS keys to select from in all (benchmarks/select_profile.py):
     640 rows of 131072 tokens, 0.86 ms against 1.62 for the radix passes; 40 x 131072 (batch 1), 0.098
-    against 0.119; 8 x 131072 (batch 1, group kv), 0.058 against 0.040. Its candidates fit up to
+    against 0.119; 8 x 131072 (batch 1, group kv), 0.058 against 0.040; whole steps at 40 x 65536
+    (llama2-13b, batch 1), 0.228 ms against 0.241 (reports/bench/select-profile/one-launch-cap), so
+    PIVOT_MIN_KEYS sits between 2^20 keys (lost) and 2^21.3 (won). Its candidates fit up to
     select_pivot.MAX_TOKENS a row; longer rows go to split.
     Rows of 16384-32768 tokens (a 32768-key tile, 16-32 warps): whole loki_decode steps at 32k
     (LOKITOOL_ROW_CAP, benchmarks/select_modes.py) were faster in the row kernel than in pivot at 128 and

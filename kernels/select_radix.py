@@ -43,7 +43,7 @@ HIST_ROW = NPASS * NB  # ints of histogram per row
 SYNC = 2  # ints of counters per row: arrivals (phases x chunks), departures
 SPARSE = tl.constexpr(16)  # a chunk with fewer than CH / SPARSE keys in the bucket adds them one atomic each
 MIN_CHUNK = 1024  # keys a program holds for one launch, at least (one_launch_chunk)
-MAX_CHUNK = 16384  # and at most
+MAX_CHUNK = 8192  # and at most (one_launch_chunk)
 PER_SM = 2  # programs a multiprocessor holds at once in one launch (programs_per_sm)
 SPIN_LIMIT = tl.constexpr(1 << 22)  # reads of a row's counter before a barrier gives up (_row_wait)
 
@@ -229,7 +229,11 @@ def one_launch_chunk(rows: int, s: int, num_sms: int, per_sm: int | None = None)
     starts: `one_launch_registers` caps registers so that they fit), or None past MAX_CHUNK keys a
     program. On an H200 (benchmarks/select_modes.py --split-chunks, llama3-8b kv, batch 1, two programs a
     multiprocessor), the selection alone: 8 x 32768 keys 0.0233 ms in chunks of 1024, 0.0236 of 2048,
-    0.0291 of 4096; 8 x 65536, 0.0278 of 2048, 0.0296 of 4096; 8 x 131072, 0.0374 of 4096, 0.0441 of 8192."""
+    0.0291 of 4096; 8 x 65536, 0.0278 of 2048, 0.0296 of 4096; 8 x 131072, 0.0374 of 4096, 0.0441 of 8192.
+    Programs of 16384 keys lost to the five launches and to pivot (whole steps, select_modes.py,
+    reports/bench/select-profile/one-launch-cap): llama2-13b batch 1, 64k (40 rows) 0.281 ms against 0.241
+    and 0.228; llama3-8b per query head, batch 1, 128k (32 rows) 0.311 against 0.293 and 0.265; at 8192
+    keys (32 x 65536) one launch was level with pivot (0.148 against 0.149): MAX_CHUNK is 8192."""
     chunk = min(MIN_CHUNK, pow2(s))
     while not resident(rows, s, chunk, num_sms, per_sm):
         chunk *= 2

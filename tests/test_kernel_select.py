@@ -146,7 +146,7 @@ def test_split_one_launch_is_chosen_where_programs_fit_and_refused_elsewhere(mon
     assert select_radix.one_launch_chunk(8, 131072, 132, per_sm=1) == 8192
     assert select_radix.one_launch_chunk(8, 131072, 132, per_sm=2) == 4096
     assert select_radix.one_launch_chunk(1, 300, 132) == 512  # a short row: one program
-    assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=1) == 16384
+    assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=1) is None  # 16384 keys a program: slower than phases
     assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=2) == 8192
     assert select_radix.one_launch_chunk(40, 131072, 132) is None  # 32768 keys a program: phases
     assert select_radix.one_launch_registers(select_radix.split_warps(4096), per_sm=2) == 128  # 8 warps, two programs: 65536 registers
@@ -310,6 +310,9 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
     assert select.choose_mode(8, 131072, 132) == "split"  # batch 1, group kv: too few keys for the sample to pay
     assert select.choose_mode(640, 262144, 132) == "split"  # past select_pivot.MAX_TOKENS
     assert select.choose_mode(40, 131072, 132) == "pivot"  # one launch would hold 65536 keys a program
+    assert select.choose_mode(40, 65536, 132) == "pivot"  # llama2-13b, batch 1: 16384 keys a program in one launch
+    assert select.choose_mode(32, 131072, 132) == "pivot"  # per query head, batch 1: 16384 keys a program
+    assert select.choose_mode(32, 65536, 132) == "split"  # 8192 keys a program: one launch
     monkeypatch.setenv("LOKITOOL_SPLIT_ONE_LAUNCH", "0")
     assert select.choose_mode(8, 16384, 132) == "row"
     monkeypatch.delenv("LOKITOOL_SPLIT_ONE_LAUNCH")
