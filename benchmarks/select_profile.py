@@ -3,7 +3,7 @@ modes timed as a cumulative prefix (first launch, first two, ...), next to one p
 and how many keys each radix pass still has to consider (keys sharing the threshold's top 8 / 12 / 16 /
 24 bits) or a linear value bin holds.
 
-    python benchmarks/select_profile.py [--shapes llama2-13b:16:131072:head,...] [--out DIR]
+    python benchmarks/select_profile.py [--shapes llama2-13b:16:131072:head,...] [--kf 0.25] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def variants(s: int) -> list:
     timed in an earlier version: reports/bench/select-profile/digits.log.)"""
     base = select_radix.split_chunk(s)
     chunks = sorted({max(256, base // 2), base, min(16384, base * 2)})
-    return [("split", base, None)] + [("pivot", c, None) for c in chunks] + [("pivot", base, m) for m in (1024, 2048)]
+    return [("split", base, None)] + [("pivot", c, None) for c in chunks] + [("pivot", base, m) for m in (1024, 2048, 4096)]
 
 
-def measure(preset: str, b: int, s: int, group: str, device) -> dict:
+def measure(preset: str, b: int, s: int, group: str, device, kf: float = 0.25) -> dict:
     h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    spec = LokiSpec(kf=kf, df=0.25, group=group)
     d, kmax = spec.dims(dim), spec.max_budget(s)
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, h, dim, generator=g, device=device).half()
@@ -65,12 +65,12 @@ def measure(preset: str, b: int, s: int, group: str, device) -> dict:
     del k
     rows = scores.shape[1]
     idx = torch.empty(b, rows, kmax, dtype=torch.int32, device=device)
-    out = {"shape": f"{preset}:{b}:{s}:{group}", "rows": b * rows, "scores_mb": scores.numel() * 4 / 1e6,
+    out = {"shape": f"{preset}:{b}:{s}:{group}", "kf": kf, "rows": b * rows, "scores_mb": scores.numel() * 4 / 1e6,
            "read_ms": time_ms(lambda: scores.sum(), device)[1], "buckets": bucket_sizes(scores, budgets)}
     want = exact_mask(scores, lengths, budgets)
     out["split"] = []
     for mode, chunk, sample in variants(s):
-        extra = {"one_launch": False} if sample is None and mode == "split" else {} if sample is None else {"sample": sample}
+        extra = {"one_launch": False} if sample is None and mode == "split" else {"kf": kf} if sample is None else {"sample": sample}
         plan = sel.SelectPlan(b, rows, s, device, mode=mode, chunk=chunk, **extra)
         steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
         prefix = []
@@ -93,12 +93,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES)
     parser.add_argument("--out", type=Path, default=Path("runs/select_profile"))
+    parser.add_argument("--kf", type=float, default=0.25, help="budget share (the pivot sample's size follows it)")
     args = parser.parse_args()
     device = torch.device("cuda")
     results = []
     for shape in args.shapes.split(","):
         preset, b, s, group = shape.split(":")
-        r = measure(preset, int(b), int(s), group, device)
+        r = measure(preset, int(b), int(s), group, device, args.kf)
         results.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()

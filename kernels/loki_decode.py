@@ -98,7 +98,7 @@ class _Plan:
         if self.step is not None:  # one kernel (loki_step.py), its own scratch
             return
         self.kmax = spec.max_budget(s)
-        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.selection_mode(b * self.rows, s, device))
+        self.select = select.SelectPlan(b, self.rows, s, device, mode=select.selection_mode(b * self.rows, s, device), kf=spec.kf)
         self.nsplit = attention.num_splits(b * self.rows, self.kmax, attention.multiprocessors(device))
         f32 = dict(dtype=torch.float32, device=device)
         self.budgets = torch.empty(b, dtype=torch.int32, device=device)

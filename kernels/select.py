@@ -187,7 +187,7 @@ def choose_mode(total_rows: int, s: int, num_sms: int, block_cap: int | None = N
     On an H200 (benchmarks/select_modes.py and select_profile.py, llama2-13b / llama3-8b shapes, kf 0.25):
     the row kernel was faster wherever it can run, batch 1 included (40 rows on 132 multiprocessors):
     select 17 vs 25 us at 4k, 29 vs 36 us at 16k; at 16k batch 16, 33 vs 66 us (128 rows, group kv)
-    and 98 vs 253 us (640 rows). Past the tile, pivot's row sample (a sort of 2048 keys, ~0.03 ms a wave of
+    and 98 vs 253 us (640 rows). Past the tile, pivot's row sample (a sort of 2048 keys then, ~0.03 ms a wave of
     rows) pays off once there are PIVOT_MIN_KEYS keys to select from in all (benchmarks/select_profile.py):
     640 rows of 131072 tokens, 0.86 ms against 1.62 for the radix passes; 40 x 131072 (batch 1), 0.098
     against 0.119; 8 x 131072 (batch 1, group kv), 0.058 against 0.040; whole steps at 40 x 65536
@@ -235,11 +235,13 @@ class SelectPlan:
     tokens, a program each, select_radix.py's radix passes (histograms [B x R, 4 x 256] and per-row
     counters, kept zero between calls; per-chunk counts and suffix sums of the last digit), in one launch
     or five (`one_launch`: None for `split_one_launch`'s choice). mode "pivot": chunks as split, a
-    `sample`-key row sample, `cap` candidate slots per row (select_pivot.py)."""
+    `sample`-key row sample (select_pivot.sample_size for budget share kf where None), `cap` candidate slots
+    per row (select_pivot.py)."""
 
     def __init__(
         self, b: int, rows: int, s: int, device: torch.device, *, mode: str, block_cap: int | None = None,
-        chunk: int | None = None, cap: int | None = None, sample: int = select_pivot.SAMPLE, one_launch: bool | None = None,
+        chunk: int | None = None, cap: int | None = None, sample: int | None = None, one_launch: bool | None = None,
+        kf: float | None = None,
     ):
         assert mode in ("row", "split", "pivot"), mode
         self.mode = mode
@@ -256,8 +258,8 @@ class SelectPlan:
         assert self.chunk == triton.next_power_of_2(self.chunk) and self.chunk >= GROUP, self.chunk
         self.nch = triton.cdiv(s, self.chunk)
         if mode == "pivot":
-            self.cap = cap or select_pivot.candidate_cap(s, sample)
-            self.sample = sample
+            self.sample = sample or select_pivot.sample_size(s, kf)
+            self.cap = cap or select_pivot.candidate_cap(s, self.sample)
             self.ws = {
                 "state": torch.empty(b * rows * select_pivot.STATE.value, **i32),
                 "gt": torch.empty(b * rows * self.nch, **i32),
@@ -285,6 +287,12 @@ def pivot_chunk(s: int) -> int:
     before everywhere it runs, 2048 by a little: llama2-13b B=16 64k 2.347 / 2.352 / 2.423 ms at 1024 / 2048 /
     4096, 128k 4.482 / 4.515 / 4.613; llama3-8b kv B=16 64k 0.519 / 0.521 / 0.537, 128k 0.956 / 0.964 / 0.987."""
     return env_pow2("LOKITOOL_PIVOT_CHUNK", 256, 16384) or min(PIVOT_CHUNK, pow2(s, 32))
+
+
+def pivot_warps(chunk: int) -> int:
+    """Warps of the pivot mode's compact and write kernels: select_radix.split_warps(chunk), or
+    LOKITOOL_PIVOT_WARPS (a power of two from 1 to 16; benchmarks/select_profile.py)."""
+    return env_pow2("LOKITOOL_PIVOT_WARPS", 1, 16) or select_radix.split_warps(chunk)
 
 
 ONE_LAUNCH_CAPABILITY = (9, 0)  # one_launch_default: Hopper and later, where the one launch was measured
@@ -353,7 +361,7 @@ def _steps(*, scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor
         sized = dict(nch=plan.nch, CH=plan.chunk)
         cands = dict(cand_key_ptr=ws["cand_key"], cand_tok_ptr=ws["cand_tok"], CAP=plan.cap)
         counts = dict(above_ptr=ws["above"], ties_ptr=ws["ties"], NCH_PAD=pow2(plan.nch))
-        warps = select_radix.split_warps(plan.chunk)
+        warps = pivot_warps(plan.chunk)
         return [
             partial(launch, select_pivot._sample_kernel, per_row, **common, budgets_ptr=budgets, M=plan.sample,
                     MARGIN_SD=select_pivot.MARGIN, num_warps=8),

@@ -3,8 +3,8 @@
 The radix mode (select.py) reads a row five times and histograms it twice; on an H200 each of its
 passes costs 2-3.5x a plain read of the scores (benchmarks/select_profile.py). Here a row is read twice:
 
-1. sample (a program per row): SAMPLE keys at evenly spaced tokens, sorted; the keys at sample ranks
-   k x SAMPLE / n -+ MARGIN sampling deviations bracket the k-th largest key: [lo, hi].
+1. sample (a program per row): M keys at evenly spaced tokens (`sample_size`), sorted; the keys at sample
+   ranks k x M / n -+ MARGIN sampling deviations bracket the k-th largest key: [lo, hi].
 2. compact (a program per chunk): counts the chunk's keys above hi and appends its keys inside
    [lo, hi] (a few percent of the row) with their tokens to the row's candidate list (one atomic per
    chunk reserves the space).
@@ -28,17 +28,42 @@ import triton.language as tl
 
 from .select_keys import _bisect, _chunk_program, _kth_key, _load_keys, _prefix_rank, _write_chunk
 
-SAMPLE = 2048  # keys per row sample: sorting 4096 cost 0.10 ms a wave of rows on an H200, 2048 0.03 ms
+SAMPLES = (1024, 2048, 4096)  # row sample sizes, cheapest first (sample_size)
 MARGIN = 5.0  # bracket half-width, in standard deviations of the sample rank of the k-th key (a miss: ~6e-7 a row)
-MAX_TOKENS = 131072  # longest row whose bracket fits the 16384 candidate slots at any budget
+MAX_TOKENS = 131072  # longest row whose bracket fits the MAX_CAP candidate slots at any budget (sample_size)
+MAX_CAP = 16384  # candidate slots a row, at most (the resolve program holds them in registers)
+OVERFLOW_SD = 3.0  # sample_size: slots left above the expected candidates, in standard deviations of their count
 STATE = tl.constexpr(8)  # ints of per-row state: lo, hi, candidates, threshold, ties needed
 
 
-def candidate_cap(s: int, sample: int = SAMPLE) -> int:
+def bracket_share(sample: int, p: float = 0.5) -> float:
+    """Expected share of a row's keys inside the bracket of a `sample`-key sample, budget share p = k / n."""
+    return 2 * (MARGIN * math.sqrt(sample * p * (1 - p)) + 8) / sample
+
+
+def candidate_cap(s: int, sample: int) -> int:
     """Candidate slots per row: 1.5x the bracket's expected share of s tokens at the widest (k = n / 2),
-    a power of two in [256, 16384] (the resolve program holds them in registers)."""
-    share = 2 * (MARGIN * math.sqrt(sample / 4) + 8) / sample
-    return min(16384, max(256, triton.next_power_of_2(int(1.5 * share * s) + 1)))
+    a power of two in [256, MAX_CAP]."""
+    return min(MAX_CAP, max(256, triton.next_power_of_2(int(1.5 * bracket_share(sample) * s) + 1)))
+
+
+def sample_size(s: int, kf: float | None = None) -> int:
+    """Keys of each row's sample: the smallest of SAMPLES whose bracket leaves the MAX_CAP slots
+    OVERFLOW_SD standard deviations above the expected candidates of a row of s tokens at budget share kf
+    (the widest, 1/2, where None): a row whose candidates overflow takes the slow whole-row search.
+    The count's deviation is a sample gap's, sqrt(g (1 - g) / M) x s for a bracket share g; a simulation of
+    1000 rows of normal scores agreed (benchmarks/pivot_samples.py, reports/bench/select-profile/samples):
+    at 131072 tokens and 2048 keys, kf 0.25, 13441 +- 868 candidates (one row of 1000 overflowed; 3.4 sd),
+    kf 0.5 15493 +- 901 (1.0 sd: 159 rows of 1000), hence 4096 keys there (9.8 sd); at 65536 tokens, 1024
+    keys: 9850 +- 735 (8.9 sd).
+    A larger sample costs its sort (640 rows on an H200: 0.048 / 0.128 / ~0.47 ms for 1024 / 2048 / 4096
+    keys), a smaller one candidates."""
+    p = 0.5 if kf is None else min(kf, 0.5)  # k = floor(kf n) / n <= kf; p (1 - p) grows up to 1/2
+    for m in SAMPLES:
+        g = bracket_share(m, p)
+        if g * s + OVERFLOW_SD * math.sqrt(g * (1 - g) / m) * s <= MAX_CAP:
+            return m
+    return SAMPLES[-1]
 
 
 @triton.jit

@@ -196,6 +196,32 @@ def test_pivot_bracket_holds_the_threshold():
     assert bool((count <= plan.cap).all()) and bool((count < lengths.cpu().repeat_interleave(rows) // 4).all()), count.tolist()
 
 
+def test_pivot_sample_size_keeps_candidates_within_their_slots():
+    """The sample is the cheapest whose candidates stay OVERFLOW_SD deviations under the slots, by the
+    model sample_size uses; the model's mean and deviation of the candidate count agree with a simulation of
+    the sample and bracket (normal scores, 300 rows), and a plan takes the size for its budget share."""
+    import math
+
+    from lokitool.kernels import select, select_pivot
+
+    assert [select_pivot.sample_size(65536, kf) for kf in (0.25, 0.5, None)] == [1024, 1024, 1024]
+    assert [select_pivot.sample_size(131072, kf) for kf in (0.125, 0.25, 0.5, 0.75, None)] == [2048, 2048, 4096, 4096, 4096]
+    assert select.SelectPlan(1, 2, 131072, DEVICE, mode="pivot", kf=0.25).sample == 2048
+    assert select.SelectPlan(1, 2, 131072, DEVICE, mode="pivot").sample == 4096  # budget unknown: the widest
+    n, m, p, rows = 16384, 1024, 0.25, 300  # a sample order statistic alone would deviate 1.2x more
+    k = int(p * n)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, n, generator=g)
+    ranked = x[:, torch.arange(m) * n // m].sort(dim=1).values
+    margin = select_pivot.MARGIN * math.sqrt(m * p * (1 - p)) + 8
+    hi = ranked[:, m - math.ceil(k / n * m - margin)]
+    lo = ranked[:, m - math.floor(k / n * m + margin)]
+    count = ((x >= lo[:, None]) & (x <= hi[:, None])).sum(dim=1).double()
+    share = select_pivot.bracket_share(m, p)
+    assert abs(count.mean().item() / (share * n) - 1) < 0.03, (count.mean().item(), share * n)
+    assert abs(count.std().item() / (math.sqrt(share * (1 - share) / m) * n) - 1) < 0.15, count.std().item()
+
+
 @pytest.mark.parametrize("one_launch", ONE_LAUNCH, ids=["phases", "one-launch"])
 def test_split_selection_reuses_its_scratch(one_launch):
     """One SelectPlan over several calls (as loki_decode's plans run it): the radix histograms and the
@@ -349,7 +375,8 @@ def test_choose_mode_by_row_length_and_work(monkeypatch):
 
 def test_pivot_chunk_default_and_override(monkeypatch):
     """The pivot mode's chunk: 1024 tokens (measured faster than 2048 and 4096), a short row's own length
-    (a power of two), LOKITOOL_PIVOT_CHUNK where set, refused in one line where not a power of two in range."""
+    (a power of two), LOKITOOL_PIVOT_CHUNK where set, refused in one line where not a power of two in range;
+    likewise its warps and LOKITOOL_PIVOT_WARPS."""
     from lokitool.kernels import select
 
     monkeypatch.delenv("LOKITOOL_PIVOT_CHUNK", raising=False)
@@ -360,3 +387,10 @@ def test_pivot_chunk_default_and_override(monkeypatch):
     monkeypatch.setenv("LOKITOOL_PIVOT_CHUNK", "3000")
     with pytest.raises(ValueError, match="LOKITOOL_PIVOT_CHUNK"):
         select.pivot_chunk(131072)
+    monkeypatch.delenv("LOKITOOL_PIVOT_WARPS", raising=False)  # its kernels' warps: the split mode's for the chunk
+    assert [select.pivot_warps(c) for c in (1024, 2048, 8192)] == [4, 8, 16]
+    monkeypatch.setenv("LOKITOOL_PIVOT_WARPS", "8")
+    assert select.pivot_warps(1024) == 8
+    monkeypatch.setenv("LOKITOOL_PIVOT_WARPS", "32")
+    with pytest.raises(ValueError, match="LOKITOOL_PIVOT_WARPS"):
+        select.pivot_warps(1024)
