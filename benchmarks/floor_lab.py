@@ -30,15 +30,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lokitool.kernels import clear_plans, decode_path, loki_decode, split_keys
+from lokitool.kernels import clear_plans, decode_path, loki_decode
 from lokitool.kernels import select_radix as radix
 from lokitool.kernels.loki_step import fits_resident
-from stage_lab import lab_parser, run_lab
+from stage_lab import lab_parser, lab_shape, run_lab
 
-from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
 from lokitool.bench.presets import PRESETS
 from lokitool.bench.timing import time_ms
-from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_SHAPES = ("llama3-8b:1:32768:kv,llama3-8b:1:65536:kv,llama3-8b:1:131072:kv,llama2-13b:1:32768:head,"
                   "llama2-13b:1:65536:head,llama2-13b:1:131072:head,llama3-8b:16:16384:kv,llama2-13b:16:16384:head,llama2-13b:16:65536:head")
@@ -186,18 +184,12 @@ def floors(f: Floor, device, log) -> dict:
 
 
 def measure(preset: str, b: int, s: int, group: str, device, log) -> dict:
-    h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    p = Point(b, h, hkv, dim, s, spec, torch.float16)
+    h, hkv, _ = PRESETS[preset].attention_shape
     if group == "head" and h != hkv:
         raise SystemExit(f"{preset}: per-head selection on a GQA model reads each KV head once per query head; the floor is for group kv")
-    x = make_inputs(p, device)
-    q, v, lengths = x["q"], x["v"], x["lengths"]
-    k = split_keys(x["k"], p.d)
-    scaling = dim**-0.5
-    out = {"shape": f"{preset}:{b}:{s}:{group}", "d": p.d, "k": p.k,
-           "sdpa_ms": time_ms(lambda: sdpa_decode(q, x["k"], v, scaling), device)[1]}
-    del x["k"]
+    x = lab_shape(preset, b, s, group, device)
+    p, spec, q, k, v, lengths, scaling = x.p, x.spec, x.q, x.k, x.v, x.lengths, x.scaling
+    out = {"shape": f"{preset}:{b}:{s}:{group}", "d": p.d, "k": p.k, "sdpa_ms": x.sdpa_ms}
     clear_plans()
     out["path"] = decode_path(b * (hkv if group == "kv" else h), s, device)
     out["loki_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device)[1]

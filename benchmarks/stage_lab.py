@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -166,6 +167,20 @@ def open_log(out: Path, name: str, device: torch.device) -> tuple[Callable[[str]
 def shapes(text: str) -> list[tuple[str, int, int, str]]:
     """--shapes preset:batch:context:group,... as tuples."""
     return [(preset, int(b), int(s), group) for preset, b, s, group in (shape.split(":") for shape in text.split(","))]
+
+
+def lab_shape(preset: str, b: int, s: int, group: str, device) -> SimpleNamespace:
+    """A lab's inputs at one shape (bench's Point and make_inputs: random fp16, kf = df = 0.25, sequences
+    full), the keys in the two-plane layout, and SDPA's median over the plain keys, which are then freed:
+    .p, .spec, .q, .k, .v, .lengths, .scaling, .sdpa_ms."""
+    h, hkv, dim = PRESETS[preset].attention_shape
+    spec = LokiSpec(kf=0.25, df=0.25, group=group)
+    p = Point(b, h, hkv, dim, s, spec, torch.float16)
+    x = make_inputs(p, device)
+    scaling = dim**-0.5
+    sdpa_ms = time_ms(lambda: sdpa_decode(x["q"], x["k"], x["v"], scaling), device)[1]
+    return SimpleNamespace(p=p, spec=spec, q=x["q"], k=split_keys(x.pop("k"), p.d), v=x["v"], lengths=x["lengths"], scaling=scaling,
+                           sdpa_ms=sdpa_ms)
 
 
 def lab_parser(doc: str, shapes_default: str, parts_default: str, out_default: str, device_help: str) -> argparse.ArgumentParser:

@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import os
 
-import torch
-from lokitool.kernels import clear_plans, loki_decode, split_keys
+from lokitool.kernels import clear_plans, loki_decode
 from lokitool.kernels import loki_step as step
-from stage_lab import lab_parser, run_lab
+from stage_lab import lab_parser, lab_shape, run_lab
 
-from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
-from lokitool.bench.presets import PRESETS
 from lokitool.bench.timing import time_ms
-from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_VARIANTS = "128:64:0:0,512:64:0:0,512:64:2:0,1024:64:2:0,512:128:2:0,512:64:0:4"
 
 
 def measure(preset: str, b: int, s: int, group: str, variants: list[tuple[int, ...]], device, log) -> dict:
-    h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    p = Point(b, h, hkv, dim, s, spec, torch.float16)
-    x = make_inputs(p, device)
-    q, v, lengths = x["q"], x["v"], x["lengths"]
-    k = split_keys(x["k"], p.d)
-    scaling = dim**-0.5
-    out = {"shape": f"{preset}:{b}:{s}:{group}", "sdpa_ms": time_ms(lambda: sdpa_decode(q, x["k"], v, scaling), device)[1]}
+    x = lab_shape(preset, b, s, group, device)
+    p, spec, q, k, v, lengths, scaling = x.p, x.spec, x.q, x.k, x.v, x.lengths, x.scaling
+    h, hkv, dim = p.heads, p.kv_heads, p.head_dim
+    out = {"shape": f"{preset}:{b}:{s}:{group}", "sdpa_ms": x.sdpa_ms}
     os.environ["LOKITOOL_FUSED_STEP"] = "0"
     clear_plans()
     want = loki_decode(q, k, v, lengths, spec=spec, scaling=scaling)

@@ -16,14 +16,11 @@ from __future__ import annotations
 import os
 
 import torch
-from lokitool.kernels import clear_plans, decode_path, loki_decode, split_keys
+from lokitool.kernels import clear_plans, decode_path, loki_decode
 from lokitool.kernels.layout import LokiKeys
-from stage_lab import lab_parser, run_lab
+from stage_lab import lab_parser, lab_shape, run_lab
 
-from lokitool.bench.kernels import Point, make_inputs, sdpa_decode
-from lokitool.bench.presets import PRESETS
 from lokitool.bench.timing import time_ms
-from lokitool.sparse.reference import LokiSpec
 
 DEFAULT_SHAPES = ("llama2-13b:16:65536:head,llama2-13b:16:16384:head,llama3-8b:16:16384:kv,llama2-13b:1:32768:head,"
                   "llama2-13b:1:131072:head,llama3-8b:1:131072:kv")
@@ -43,15 +40,10 @@ def parts(q, k: LokiKeys, v, lengths, n: int) -> list[tuple]:
 
 
 def measure(preset: str, b: int, s: int, group: str, splits: list[int], device, log) -> dict:
-    h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    p = Point(b, h, hkv, dim, s, spec, torch.float16)
-    x = make_inputs(p, device)
-    q, v, lengths = x["q"], x["v"], x["lengths"]
-    k = split_keys(x["k"], p.d)
-    scaling = dim**-0.5
-    out = {"shape": f"{preset}:{b}:{s}:{group}", "sdpa_ms": time_ms(lambda: sdpa_decode(q, x["k"], v, scaling), device)[1]}
-    del x["k"]
+    x = lab_shape(preset, b, s, group, device)
+    spec, q, k, v, lengths, scaling = x.spec, x.q, x.k, x.v, x.lengths, x.scaling
+    h, hkv = x.p.heads, x.p.kv_heads
+    out = {"shape": f"{preset}:{b}:{s}:{group}", "sdpa_ms": x.sdpa_ms}
     clear_plans()
     whole = lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling)  # noqa: E731
     want = whole()
