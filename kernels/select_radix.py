@@ -235,8 +235,8 @@ def one_launch_chunk(rows: int, s: int, num_sms: int, per_sm: int | None = None)
     and 0.228; llama3-8b per query head, batch 1, 128k (32 rows) 0.311 against 0.293 and 0.265; at 8192
     keys (32 x 65536) one launch was level with pivot (0.148 against 0.149): MAX_CHUNK is 8192."""
     chunk = min(MIN_CHUNK, pow2(s))
-    while not resident(rows, s, chunk, num_sms, per_sm):
-        chunk *= 2
+    while chunk <= MAX_CHUNK and not resident(rows, s, chunk, num_sms, per_sm):
+        chunk *= 2  # rows beyond per_sm x num_sms never fit: the bound ends the search
     return chunk if chunk <= MAX_CHUNK else None
 
 

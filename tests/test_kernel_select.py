@@ -149,6 +149,7 @@ def test_split_one_launch_is_chosen_where_programs_fit_and_refused_elsewhere(mon
     assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=1) is None  # 16384 keys a program: slower than phases
     assert select_radix.one_launch_chunk(40, 32768, 132, per_sm=2) == 8192
     assert select_radix.one_launch_chunk(40, 131072, 132) is None  # 32768 keys a program: phases
+    assert select_radix.one_launch_chunk(640, 262144, 132) is None  # more rows than programs fit: phases (this searched for ever)
     assert select_radix.one_launch_registers(select_radix.split_warps(4096), per_sm=2) == 128  # 8 warps, two programs: 65536 registers
     assert select_radix.one_launch_registers(select_radix.split_warps(8192), per_sm=2) == 64
     assert select_radix.one_launch_registers(select_radix.split_warps(1024), per_sm=1) == 255  # Triton's ceiling
