@@ -197,10 +197,6 @@ class StepPlan:
         self.block_s, self.block_n, self.stages, self.warps = BLOCK_S, BLOCK_N, None, select_radix.split_warps(self.chunk)
         self.checked = False
 
-    def launches(self) -> list[tuple[int, int]]:
-        """(FIRST, LAST) of each launch."""
-        return [(0, ATTEND)] if self.one_launch else [(p, p) for p in range(ATTEND + 1)]
-
 
 def fits_resident(compiled, per_sm: int, device: torch.device) -> bool:
     """Whether per_sm programs of a compiled kernel fit one multiprocessor at once (registers, shared
@@ -260,7 +256,7 @@ def _launch(*, q_rot: torch.Tensor, k_rot: Keys, v: torch.Tensor, lengths: torch
             plan.checked = True
             if not plan.one_launch:
                 args.pop("maxnreg")
-    for first, last in plan.launches():
+    for first, last in select_radix.phases(plan.one_launch, ATTEND):
         launch(_step_kernel, grid, **args, FIRST=first, LAST=last)
 
 

@@ -256,6 +256,7 @@ def split_warps(chunk: int) -> int:
     return 16 if chunk >= 8192 else 8 if chunk >= 2048 else 4
 
 
-def phases(one_launch: bool) -> list[tuple[int, int]]:
-    """(FIRST, LAST) of each launch."""
-    return [(0, NPASS)] if one_launch else [(p, p) for p in range(NPASS + 1)]
+def phases(one_launch: bool, last: int = NPASS) -> list[tuple[int, int]]:
+    """(FIRST, LAST) of each launch of phases 0..last (the radix passes and the write: NPASS; loki_step.py
+    goes on to its attention phase)."""
+    return [(0, last)] if one_launch else [(p, p) for p in range(last + 1)]
