@@ -6,7 +6,7 @@ For each shape (preset:batch:context:group; keys in the two-plane layout, fp16, 
 sequences full) and each mode that can run it ("row": a program per row, rows up to the register
 tile, select.row_cap();
 "split": a row over many programs, radix passes phase by phase; "split1": the same in one launch, where
-its grid fits one program per multiprocessor; "pivot": select_pivot.py), the median time (CUDA-graph replays, L2 flushed before each,
+its grid is resident at once (select_radix.programs_per_sm() a multiprocessor); "pivot": select_pivot.py), the median time (CUDA-graph replays, L2 flushed before each,
 and plain launches) of the selection alone (select_topk) and of the whole loki_decode step, next to
 SDPA over the whole cache; and, per mode, the selection rows whose kept tokens differ from exact
 top-k (a stable sort on the GPU: ties to the lower token index, the kernels' rule). `auto` names the

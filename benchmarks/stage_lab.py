@@ -47,17 +47,13 @@ def name(c) -> str:
 
 
 def measure(preset: str, b: int, s: int, group: str, parts: set, device, log) -> dict:
-    h, hkv, dim = PRESETS[preset].attention_shape
-    spec = LokiSpec(kf=0.25, df=0.25, group=group)
-    p = Point(b, h, hkv, dim, s, spec, torch.float16)  # bench's point: its inputs and byte counts
+    x = lab_shape(preset, b, s, group, device)
+    p, spec, q, k, v, lengths, scaling = x.p, x.spec, x.q, x.k, x.v, x.lengths, x.scaling  # p: bench's point, its byte counts
+    h, hkv = p.heads, p.kv_heads
     d, kmax = p.d, p.k
-    x = make_inputs(p, device)
-    q, kf, v, lengths = x["q"], x["k"], x["v"], x["lengths"]
-    scaling = dim**-0.5
     out = {"shape": f"{preset}:{b}:{s}:{group}", "d": d, "k": kmax}
     kv_mb = p.kv_bytes / 1e6
-    out["sdpa_ms"] = time_ms(lambda: sdpa_decode(q, kf, v, scaling), device)[1]
-    k = split_keys(kf, d)
+    out["sdpa_ms"] = x.sdpa_ms
     out["sum_low_ms"] = time_ms(lambda: k.low.sum(), device)[1]
     out["loki_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device)[1]
     out["loki_plain_ms"] = time_ms(lambda: loki_decode(q, k, v, lengths, spec=spec, scaling=scaling), device, graph=False)[1]
