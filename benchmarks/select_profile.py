@@ -45,10 +45,11 @@ def bucket_sizes(scores, budgets) -> dict:
 
 def variants(s: int) -> list:
     """(mode, chunk, sample) to time: the radix passes phase by phase (select_radix.py: 4 x 8 bits, then the
-    write), pivot selection at the default chunk and at larger and smaller ones. (Other digit widths were
-    timed in an earlier version: reports/bench/select-profile/digits.log.)"""
+    write), pivot selection at its default chunk (select.pivot_chunk) and at the split mode's chunk and
+    those around it, and at three sample sizes. (Other digit widths were timed in an earlier version:
+    reports/bench/select-profile/digits.log.)"""
     base = select_radix.split_chunk(s)
-    chunks = sorted({max(256, base // 2), base, min(16384, base * 2)})
+    chunks = sorted({sel.pivot_chunk(s), max(256, base // 2), base, min(16384, base * 2)})
     return [("split", base, None)] + [("pivot", c, None) for c in chunks] + [("pivot", base, m) for m in (1024, 2048, 4096)]
 
 
@@ -70,7 +71,7 @@ def measure(preset: str, b: int, s: int, group: str, device, kf: float = 0.25) -
     want = exact_mask(scores, lengths, budgets)
     out["split"] = []
     for mode, chunk, sample in variants(s):
-        extra = {"one_launch": False} if sample is None and mode == "split" else {"kf": kf} if sample is None else {"sample": sample}
+        extra = {"one_launch": False} if mode == "split" else {"sample": sample} if sample else {"kf": kf}
         plan = sel.SelectPlan(b, rows, s, device, mode=mode, chunk=chunk, **extra)
         steps = sel._steps(scores=scores, lengths=lengths, budgets=budgets, idx=idx, plan=plan)
         prefix = []
